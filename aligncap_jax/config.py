@@ -1,0 +1,215 @@
+"""The one place where every config field and its default lives.
+
+Recipes in `configs/` start from `base_config()` and override fields; code never
+holds a second default. `validate(config)` fails fast with a one-line message
+naming the field (and the closest existing one for a typo).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+
+import ml_collections
+
+
+def _cd(**kw) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(kw)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: the reference (DESIGN.md) values where they exist."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---------------------------------------------------------------- data
+  c.data = _cd(
+      name="synthetic_regions",   # base TFDS dataset; GOD output is f"{name}_god"
+      data_dir=ml_collections.FieldReference(None, field_type=str),  # None: TFDS default / $TFDS_DATA_DIR
+      manual_dir=ml_collections.FieldReference(None, field_type=str),  # VG / RefCOCOg downloads
+      detections_file=ml_collections.FieldReference(None, field_type=str),  # COCO results json for GOD
+      train_split="train",
+      eval_split="test",
+      view_size=224,               # S: each view is resized to S x S (bicubic)
+      num_views=3,                 # j: target + j-1 GOD views
+      max_caption_tokens=32,
+      max_prompt_tokens=32,
+      clip_max_tokens=77,
+      tag_vocab_size=4585,
+      tag_list_file=ml_collections.FieldReference(None, field_type=str),
+      god_top_k=1,
+      god_score_threshold=0.0,
+      prompt_drop_prob=0.5,       # drop the whole tag prompt
+      tag_drop_prob=0.5,          # otherwise drop each tag
+      # Tokenizers: None means "the one stored with the dataset" (synthetic).
+      llm_tokenizer=ml_collections.FieldReference(None, field_type=str),
+      clip_tokenizer=ml_collections.FieldReference(None, field_type=str),
+      num_workers=0,               # grain worker processes (0: in-process)
+      prefetch_buffer_size=2,
+      shuffle_buffer_seed=0,
+      strict=False,                # dataset build: fail on a corrupt image instead of skip+count
+      god_num_processes=1,
+      # synthetic dataset generator sizes
+      synthetic=_cd(num_train_images=2000, num_validation_images=100,
+                    num_test_images=100, image_size=128, seed=0),
+  )
+
+  # ---------------------------------------------------------------- model
+  c.model = _cd(
+      vision=_cd(
+          family="blip2",          # blip2 (EVA ViT-g) | clip | siglip
+          image_size=224, patch_size=14, hidden_size=1408, num_layers=39,
+          num_heads=16, mlp_dim=6144, layer_norm_eps=1e-6,
+          hidden_act="gelu", qkv_bias=True,
+      ),
+      qformer=_cd(
+          num_query_tokens=32, hidden_size=768, num_layers=12, num_heads=12,
+          intermediate_size=3072, cross_attention_frequency=2,
+          encoder_hidden_size=1408, layer_norm_eps=1e-12, hidden_act="gelu",
+          max_position_embeddings=512, vocab_size=30522,
+      ),
+      llm=_cd(
+          family="t5",             # t5 | llama (Llama/Qwen2 layout)
+          vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24,
+          num_decoder_layers=24, num_heads=32, relative_attention_num_buckets=32,
+          relative_attention_max_distance=128, dense_act_fn="gelu",
+          is_gated_act=True, layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+          pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+          # llama/qwen2 only
+          num_key_value_heads=0, rope_theta=10000.0, attention_bias=False,
+          bos_token_id=1,
+      ),
+      clip_text=_cd(
+          vocab_size=49408, hidden_size=768, num_layers=12, num_heads=12,
+          intermediate_size=3072, max_position_embeddings=77,
+          layer_norm_eps=1e-5, hidden_act="quick_gelu", eos_token_id=49407,
+          projection_dim=768,
+      ),
+      roi_output_size=16,
+      roi_sampling_ratio=2,
+      roi_aligned=False,            # torchvision's default, as the reference
+      cross_view=_cd(num_heads=8, mlp_ratio=4.0, dropout=0.1, value_from="candidate"),
+      tagging=_cd(dim=256, num_heads=4, mlp_dim=1024, num_layers=2),
+      scorer=_cd(dim=256, num_heads=4, mlp_dim=1024, num_layers=2),
+      similarity="cross_attention",  # cross_attention (paper) | dot
+      pairwise_form="chunked",       # dense | chunked | ring
+      pairwise_block_size=16,
+      tag_threshold=0.7,
+      train_query_tokens=False,
+      dtype="float32",                # activations of the trainable blocks
+      frozen_dtype="bfloat16",        # frozen towers' params and activations
+      remat=True,                     # rematerialise transformer layers
+      scan_layers=True,               # scan over identical layers
+      dropout=0.0,
+  )
+
+  # ---------------------------------------------------------------- init
+  c.init = _cd(
+      blip2=ml_collections.FieldReference(None, field_type=str),      # HF folder: blip2-flan-t5-xl
+      clip_text=ml_collections.FieldReference(None, field_type=str),  # HF folder: clip-vit-large-patch14
+      llm=ml_collections.FieldReference(None, field_type=str),        # HF folder of the LLM (default: blip2's)
+      hf=ml_collections.FieldReference(None, field_type=str),         # an exported AlignCap folder
+  )
+  # Regexes over '/'-joined parameter paths; a parameter is trained iff one matches.
+  c.trainable = [
+      r"^cross_view/", r"^view_fusion/", r"^qformer/(?!query_tokens)",
+      r"^language_projection/", r"^tagging/", r"^cond_", r"^multi_",
+      r"^prompt_vector$",
+  ]
+
+  # ---------------------------------------------------------------- loss
+  c.loss = _cd(alpha=0.01, beta=1.0, gamma=0.5, lambda_=0.5,
+               asl_gamma_neg=7.0, asl_gamma_pos=0.0, asl_clip=0.05,
+               init_log_t=math.log(10.0), init_b=-10.0)
+
+  # ---------------------------------------------------------------- optim
+  c.optim = _cd(learning_rate=1e-4, weight_decay=0.05, b1=0.9, b2=0.999,
+                warmup_steps=1000, schedule="cosine", grad_clip_norm=1.0,
+                max_bad_steps_in_row=5)
+
+  # ---------------------------------------------------------------- train
+  c.train = _cd(
+      per_device_batch_size=64,
+      total_epochs=5.0,
+      total_steps=ml_collections.FieldReference(None, field_type=int),  # overrides epochs
+      log_every_steps=50,
+      checkpoint_every_steps=1000,
+      eval_every_steps=0,            # 0: only at the end
+      max_checkpoints_to_keep=3,
+      eval_batch_size=64,            # per device
+      eval_max_examples=0,           # 0: whole split
+  )
+
+  # ---------------------------------------------------------------- decode
+  c.decode = _cd(num_beams=2, max_new_tokens=20, min_length=1,
+                 length_penalty=0.0, repetition_penalty=1.5)
+
+  # ---------------------------------------------------------------- mesh
+  c.mesh = _cd(data=-1, fsdp=1, tensor=1)   # -1: all remaining devices
+  # (logical axis, mesh axes) pairs; models only use logical names.
+  c.logical_axis_rules = [
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("vocab", "tensor"),
+      ("length", None),
+      ("layers", None),
+      ("tags", None),
+  ]
+  return c
+
+
+def _all_paths(cfg, prefix=""):
+  out = []
+  for k in cfg.keys():
+    v = cfg[k]
+    path = f"{prefix}{k}"
+    out.append(path)
+    if isinstance(v, ml_collections.ConfigDict):
+      out.extend(_all_paths(v, path + "."))
+  return out
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming any field that the base config does not know."""
+  known = set(_all_paths(base_config()))
+  for path in _all_paths(config):
+    if path not in known:
+      close = difflib.get_close_matches(path, sorted(known), n=1)
+      hint = f" (did you mean '{close[0]}'?)" if close else ""
+      raise ValueError(f"unknown config field '{path}'{hint}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for unknown fields and impossible values."""
+  check_fields(config)
+  d, m, t, o = config.data, config.model, config.train, config.optim
+
+  def need(cond, field, msg):
+    if not cond:
+      raise ValueError(f"config field '{field}': {msg}")
+
+  need(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+  need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+  need(d.num_views >= 1, "data.num_views", f"j must be >= 1, got {d.num_views}")
+  need(d.god_top_k >= 0, "data.god_top_k", f"top_k must be >= 0, got {d.god_top_k}")
+  need(t.per_device_batch_size >= 1, "train.per_device_batch_size",
+       f"must be >= 1, got {t.per_device_batch_size}")
+  need(m.similarity in ("cross_attention", "dot"), "model.similarity",
+       f"must be 'cross_attention' or 'dot', got {m.similarity!r}")
+  need(m.pairwise_form in ("dense", "chunked", "ring"), "model.pairwise_form",
+       f"must be 'dense', 'chunked' or 'ring', got {m.pairwise_form!r}")
+  need(m.cross_view.value_from in ("candidate", "target"), "model.cross_view.value_from",
+       f"must be 'candidate' or 'target', got {m.cross_view.value_from!r}")
+  need(m.llm.family in ("t5", "llama"), "model.llm.family",
+       f"must be 't5' or 'llama', got {m.llm.family!r}")
+  need(m.vision.family in ("blip2", "clip", "siglip"), "model.vision.family",
+       f"must be 'blip2', 'clip' or 'siglip', got {m.vision.family!r}")
+  need(d.view_size % m.vision.patch_size == 0, "data.view_size",
+       f"{d.view_size} is not a multiple of model.vision.patch_size={m.vision.patch_size}")
+  need(0 <= d.prompt_drop_prob <= 1, "data.prompt_drop_prob", "must be in [0, 1]")
+  need(0 <= d.tag_drop_prob <= 1, "data.tag_drop_prob", "must be in [0, 1]")
+  for ax in ("data", "fsdp", "tensor"):
+    v = config.mesh[ax]
+    need(v == -1 or v >= 1, f"mesh.{ax}", f"must be -1 or >= 1, got {v}")

@@ -1,0 +1,1 @@
+"""aligncap_jax."""
