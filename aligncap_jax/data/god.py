@@ -1,0 +1,224 @@
+"""GOD (General Object Detection) views: candidate boxes, pHash distances, slots.
+
+DESIGN.md section 5 and section 10 ("GOD"). For one target region and the
+objects detected in its image:
+
+1. objects with `score >= score_threshold` are counted per class; classes are
+   ranked by count (ties: higher total score, then name) and the top `top_k`
+   classes are kept;
+2. every object of those classes gives the candidate `union(target, object)`,
+   clipped to the image; candidates equal to the target and repeats are dropped;
+   candidates are ordered by class rank, then by the objects' input order;
+3. each candidate is scored by the Hamming distance between the 64-bit DCT
+   perceptual hash (pHash) of the target crop and of the candidate crop;
+4. `select_views` fills the model's j-1 view slots: a seeded random sample in
+   training, the greatest distances in evaluation, the target box for slots left
+   over.
+
+Boxes are float pixel coordinates `[x1, y1, x2, y2]`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import scipy.fftpack
+from PIL import Image
+
+_HASH_SIZE = 8
+_HASH_IMAGE_SIZE = 32  # hash_size * highfreq_factor, as imagehash.phash
+
+
+def _box_array(box, name: str) -> np.ndarray:
+  arr = np.asarray(box, dtype=np.float64).reshape(-1)
+  if arr.shape != (4,) or not np.all(np.isfinite(arr)):
+    raise ValueError(f"{name} must be 4 finite numbers [x1, y1, x2, y2], got {box!r}")
+  return arr
+
+
+def _clip(box: np.ndarray, image_size) -> np.ndarray:
+  if image_size is None:
+    return box
+  width, height = image_size
+  return np.clip(box, 0.0, [width, height, width, height])
+
+
+def rank_classes(objects: Sequence[Mapping], *, score_threshold: float = 0.0) -> list[str]:
+  """Class names of the objects scoring >= threshold, best first.
+
+  Args:
+    objects: dicts with `label` (str) and `score` (float).
+    score_threshold: objects below it are ignored.
+
+  Returns:
+    Labels ranked by object count, ties by higher total score, then by name.
+  """
+  counts: dict[str, int] = {}
+  totals: dict[str, float] = {}
+  for obj in objects:
+    score = float(obj["score"])
+    if score < score_threshold:
+      continue
+    label = str(obj["label"])
+    counts[label] = counts.get(label, 0) + 1
+    totals[label] = totals.get(label, 0.0) + score
+  return sorted(counts, key=lambda c: (-counts[c], -totals[c], c))
+
+
+def propose_views(target_box, objects: Sequence[Mapping], *, top_k: int,
+                  score_threshold: float = 0.0, image_size=None) -> np.ndarray:
+  """Candidate context views of one target region (DESIGN.md section 5).
+
+  Args:
+    target_box: [x1, y1, x2, y2] in pixels.
+    objects: dicts `{"label": str, "bbox": [x1, y1, x2, y2], "score": float}`.
+    top_k: number of top-ranked classes whose objects make views (0: none).
+    score_threshold: objects scoring below it neither count nor make views.
+    image_size: (width, height); when given, the target and every candidate
+      are clipped to `[0, width] x [0, height]`.
+
+  Returns:
+    float32[V, 4] union boxes, V >= 0, ordered by class rank then object input
+    order, without repeats and without boxes equal to the (clipped) target.
+  """
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0, got {top_k}")
+  target = _clip(_box_array(target_box, "target_box"), image_size).astype(np.float32)
+  rank = {c: i for i, c in enumerate(
+      rank_classes(objects, score_threshold=score_threshold)[:top_k])}
+  chosen = []
+  for order, obj in enumerate(objects):
+    label = str(obj["label"])
+    if label in rank and float(obj["score"]) >= score_threshold:
+      chosen.append((rank[label], order, _box_array(obj["bbox"], f"objects[{order}].bbox")))
+  chosen.sort(key=lambda t: (t[0], t[1]))
+  views, seen = [], {tuple(target.tolist())}
+  for _, _, box in chosen:
+    union = np.concatenate([np.minimum(target[:2], box[:2]), np.maximum(target[2:], box[2:])])
+    union = _clip(union, image_size).astype(np.float32)
+    key = tuple(union.tolist())
+    if key not in seen:
+      seen.add(key)
+      views.append(union)
+  if not views:
+    return np.zeros((0, 4), np.float32)
+  return np.stack(views).astype(np.float32)
+
+
+def _hash_bits(pixels: np.ndarray) -> np.ndarray:
+  """uint64[N] pHash of float[N, 32, 32] grey images (imagehash's algorithm)."""
+  dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=1), axis=2)
+  low = dct[:, :_HASH_SIZE, :_HASH_SIZE].reshape(len(pixels), -1)
+  bits = low > np.median(low, axis=1, keepdims=True)
+  packed = np.packbits(bits, axis=1)  # 8 bytes, most significant bit first
+  return packed.view(">u8").reshape(-1).astype(np.uint64)
+
+
+def _grey_32(image: Image.Image) -> np.ndarray:
+  small = image.convert("L").resize((_HASH_IMAGE_SIZE, _HASH_IMAGE_SIZE),
+                                    Image.Resampling.LANCZOS)
+  return np.asarray(small)
+
+
+def phash(image_crop: Image.Image) -> np.uint64:
+  """64-bit DCT perceptual hash, bit-equal to `int(str(imagehash.phash(img)), 16)`.
+
+  Args:
+    image_crop: any PIL image.
+
+  Returns:
+    The hash; bit 63 is the first (top-left) DCT coefficient's bit.
+  """
+  return _hash_bits(_grey_32(image_crop)[None].astype(np.float64))[0]
+
+
+def crop_pixels(box, width: int, height: int) -> tuple[int, int, int, int]:
+  """Integer pixel window covering a float box: floor/ceil, clipped, >= 1 pixel."""
+  x1, y1, x2, y2 = _box_array(box, "box")
+  left = int(np.clip(np.floor(x1), 0, width - 1))
+  top = int(np.clip(np.floor(y1), 0, height - 1))
+  right = int(np.clip(np.ceil(x2), left + 1, width))
+  bottom = int(np.clip(np.ceil(y2), top + 1, height))
+  return left, top, right, bottom
+
+
+def box_hashes(image: np.ndarray, boxes) -> np.ndarray:
+  """pHash of each box's crop of one image.
+
+  Args:
+    image: uint8[H, W, 3] (or [H, W] grey).
+    boxes: float[N, 4] pixel boxes; each is cropped with `crop_pixels`.
+
+  Returns:
+    uint64[N].
+  """
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim not in (2, 3):
+    raise ValueError(f"image must be uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
+  grey = Image.fromarray(image).convert("L")
+  height, width = image.shape[:2]
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  if len(boxes) == 0:
+    return np.zeros((0,), np.uint64)
+  stack = np.stack([_grey_32(grey.crop(crop_pixels(b, width, height))) for b in boxes])
+  return _hash_bits(stack.astype(np.float64))
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """int32 bit count of `a ^ b` for uint64 arrays (broadcasting)."""
+  x = np.bitwise_xor(np.asarray(a, np.uint64), np.asarray(b, np.uint64))
+  as_bytes = np.ascontiguousarray(x).reshape(-1, 1).view(np.uint8)
+  return np.unpackbits(as_bytes, axis=1).sum(axis=1).astype(np.int32).reshape(np.shape(x))
+
+
+def view_distances(image: np.ndarray, target_box, views) -> np.ndarray:
+  """pHash Hamming distance between the target crop and each view crop.
+
+  Args:
+    image: uint8[H, W, 3].
+    target_box: [x1, y1, x2, y2] pixels.
+    views: float[V, 4] pixel boxes (V may be 0).
+
+  Returns:
+    int32[V] in [0, 64].
+  """
+  views = np.asarray(views, np.float32).reshape(-1, 4)
+  if len(views) == 0:
+    return np.zeros((0,), np.int32)
+  hashes = box_hashes(image, np.concatenate([_box_array(target_box, "target_box")[None], views]))
+  return hamming(hashes[1:], hashes[0])
+
+
+def select_views(views, distances, num_slots: int, *, train: bool,
+                 rng: np.random.Generator | None = None, target_box) -> np.ndarray:
+  """Fills the model's j-1 view slots from one region's candidates.
+
+  Args:
+    views: float[V, 4] candidates from `propose_views` (V may be 0).
+    distances: int[V] from `view_distances`.
+    num_slots: j - 1.
+    train: training samples `min(V, num_slots)` candidates without replacement
+      with `rng`; evaluation takes the greatest distances, ties by candidate
+      order.
+    rng: required when `train`.
+    target_box: [x1, y1, x2, y2]; fills the slots left when V < num_slots.
+
+  Returns:
+    float32[num_slots, 4].
+  """
+  views = np.asarray(views, np.float32).reshape(-1, 4)
+  distances = np.asarray(distances).reshape(-1)
+  if len(distances) != len(views):
+    raise ValueError(f"{len(views)} views but {len(distances)} distances")
+  if num_slots < 0:
+    raise ValueError(f"num_slots must be >= 0, got {num_slots}")
+  take = min(len(views), num_slots)
+  if train:
+    if rng is None:
+      raise ValueError("select_views(train=True) needs rng (a numpy Generator)")
+    idx = rng.choice(len(views), size=take, replace=False) if take else np.zeros((0,), int)
+  else:
+    idx = np.argsort(-distances.astype(np.int64), kind="stable")[:take]
+  target = _box_array(target_box, "target_box").astype(np.float32)
+  fill = np.broadcast_to(target, (num_slots - take, 4))
+  return np.concatenate([views[idx], fill]).astype(np.float32)

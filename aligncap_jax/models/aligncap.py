@@ -1,0 +1,349 @@
+"""AlignCap: the whole model, per region (DESIGN.md sections 3 and 4).
+
+views ─ ViT (frozen) ─ RoI-align (target box in every view) ─ cross-view block
+─ view fusion ─ Q-Former sampler ─┬─ tagging head ─────────────── L_tag (ASL)
+                                  ├─ conditioned tag features ─── L_cond (pairwise sigmoid)
+                                  └─ language projection ─ [latents ; tag prompt] ─┬─ L_multi
+                                                                                   └─ LLM ─ L_cap
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from aligncap_jax import losses as losses_lib
+from aligncap_jax import ops
+from aligncap_jax.models import clip_text as clip_text_lib
+from aligncap_jax.models import cross_view as cross_view_lib
+from aligncap_jax.models import decoder_lm as decoder_lm_lib
+from aligncap_jax.models import generate as generate_lib
+from aligncap_jax.models import layers
+from aligncap_jax.models import pairwise_scorer as scorer_lib
+from aligncap_jax.models import qformer as qformer_lib
+from aligncap_jax.models import t5 as t5_lib
+from aligncap_jax.models import tagging as tagging_lib
+from aligncap_jax.models import vit as vit_lib
+
+Dtype = Any
+
+# Per-family image normalisation (the towers' own preprocessors).
+PIXEL_STATS = {
+    "blip2": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def _tower_config(cls, cd, model_cfg, **extra):
+  cfg = cls.from_config(cd, **extra) if extra else cls.from_config(cd)
+  names = {f.name for f in dataclasses.fields(cfg)}
+  upd = {k: bool(model_cfg[k]) for k in ("scan_layers", "remat") if k in names}
+  return dataclasses.replace(cfg, **upd)
+
+
+def llm_module(config) -> nn.Module:
+  """The (unbound) LLM module of a config, as the model builds it."""
+  m = config.model
+  dt = jnp.dtype(m.frozen_dtype)
+  if m.llm.family == "t5":
+    return t5_lib.T5(_tower_config(t5_lib.T5Config, m.llm, m), dtype=dt, param_dtype=dt)
+  return decoder_lm_lib.DecoderLM(_tower_config(decoder_lm_lib.DecoderLMConfig, m.llm, m),
+                                  dtype=dt, param_dtype=dt)
+
+
+def build_prompt_on_device(tag_on, tokens, lens, comma_id, bar_id, eos_id, max_len):
+  """The tag prompt of DESIGN.md section 3, built without a host round trip.
+
+  Selected tags (vocabulary order) joined by `comma_id`, then `bar_id`, then
+  `eos_id`; when too long the sequence is cut to max_len - 1 and EOS appended.
+  Same rule as `aligncap_jax.data.pipeline.build_prompt` on the host.
+
+  Args:
+    tag_on: bool[B, V] selected tags.
+    tokens: int32[V, Lt] each tag's token ids (right-padded); lens: int32[V].
+  Returns:
+    (int32[B, max_len] tokens, int32[B, max_len] mask).
+  """
+  b, v = tag_on.shape
+  lt = tokens.shape[1]
+  seg = jnp.where(tag_on, lens + 1, 0)                       # tag tokens + separator
+  start = jnp.cumsum(seg, axis=1) - seg                      # [B, V]
+  total = jnp.sum(seg, axis=1)                               # [B]
+  k = jnp.arange(lt + 1)
+  tok = jnp.concatenate([tokens, jnp.zeros((v, 1), tokens.dtype)], axis=1)
+  tok = jnp.where(k[None, :] == lens[:, None], comma_id, tok)  # [V, Lt+1]
+  pos = start[:, :, None] + k[None, None, :]                 # [B, V, Lt+1]
+  keep = tag_on[:, :, None] & (k[None, None, :] <= lens[None, :, None])
+  # Separator after the last tag becomes '|'; with no tags the '|' sits at 0.
+  length = jnp.maximum(total, 1)                             # tokens before EOS
+  pos = jnp.where(keep, pos, max_len + lt + 2)               # out of range -> dropped
+  buf = jnp.zeros((b, max_len + lt + 3), jnp.int32)
+  buf = jax.vmap(lambda bb, p, t: bb.at[p.reshape(-1)].set(
+      jnp.broadcast_to(t, p.shape).reshape(-1), mode="drop"))(buf, pos, tok)
+  buf = buf.at[jnp.arange(b), length - 1].set(bar_id, mode="drop")
+  n = jnp.minimum(length, max_len - 1)                       # cut, keep EOS last
+  buf = buf[:, :max_len]
+  idx = jnp.arange(max_len)[None, :]
+  out = jnp.where(idx < n[:, None], buf, 0)
+  out = jnp.where(idx == n[:, None], eos_id, out)
+  return out.astype(jnp.int32), (idx <= n[:, None]).astype(jnp.int32)
+
+
+class AlignCap(nn.Module):
+  """AlignCap over a batch of regions (the batch contract of DESIGN.md section 10).
+
+  Attributes:
+    config: the full (frozen) config; `model`, `loss` and `data` are read.
+    num_tags: size V of the tag vocabulary the data was built with.
+  """
+  config: ml_collections.FrozenConfigDict
+  num_tags: int
+
+  def setup(self):
+    m = self.config.model
+    dt, pdt = jnp.dtype(m.dtype), jnp.float32
+    fdt = jnp.dtype(m.frozen_dtype)
+    self.vision = vit_lib.VisionTransformer(
+        _tower_config(vit_lib.VisionConfig, m.vision, m), dtype=fdt, param_dtype=fdt)
+    self.qformer = qformer_lib.QFormer(
+        _tower_config(qformer_lib.QFormerConfig, m.qformer, m), dtype=dt, param_dtype=pdt)
+    self.clip_text = clip_text_lib.CLIPTextEncoder(
+        _tower_config(clip_text_lib.CLIPTextConfig, m.clip_text, m), dtype=fdt, param_dtype=fdt)
+    self.llm = llm_module(self.config)
+    cv = m.cross_view
+    self.cross_view = cross_view_lib.CrossViewBlock(
+        cv.num_heads, cv.mlp_ratio, cv.dropout, cv.value_from, dt, pdt)
+    self.view_fusion = cross_view_lib.ViewFusion(dt, pdt)
+    d_model = m.llm.d_model
+    self.language_projection = layers.dense(d_model, ("mlp", "embed"), "language_projection",
+                                            dt, pdt)
+    tg, sc = m.tagging, m.scorer
+    self.tagging = tagging_lib.TaggingHead(tg.dim, tg.num_heads, tg.mlp_dim, tg.num_layers, dt, pdt)
+    # L_cond: image-conditioned tag features vs CLIP caption features.
+    self.cond_region = tagging_lib.ConditionedTagFeatures(sc.dim, sc.num_heads, dt, pdt)
+    self.cond_caption_proj = layers.dense(sc.dim, ("embed", "mlp"), "cond_caption_proj", dt, pdt)
+    # L_multi: LLM encoder input vs LLM embeddings of the caption.
+    self.multi_region_proj = layers.dense(sc.dim, ("embed", "mlp"), "multi_region_proj", dt, pdt)
+    self.multi_caption_proj = layers.dense(sc.dim, ("embed", "mlp"), "multi_caption_proj", dt, pdt)
+    if m.similarity == "cross_attention":
+      self.cond_scorer = scorer_lib.PairwiseScorer(sc.dim, sc.num_heads, sc.mlp_dim,
+                                                   sc.num_layers, dt, pdt)
+      self.multi_scorer = scorer_lib.PairwiseScorer(sc.dim, sc.num_heads, sc.mlp_dim,
+                                                    sc.num_layers, dt, pdt)
+    lc = self.config.loss
+    const = lambda v: (lambda *_: jnp.asarray(v, jnp.float32))
+    self.cond_log_t = self.param("cond_log_t", const(lc.init_log_t))
+    self.cond_b = self.param("cond_b", const(lc.init_b))
+    self.multi_log_t = self.param("multi_log_t", const(lc.init_log_t))
+    self.multi_b = self.param("multi_b", const(lc.init_b))
+    self.prompt_vector = self.param(
+        "prompt_vector", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        (d_model,), pdt)
+
+  # ------------------------------------------------------------------ pieces
+  def _region_latents(self, batch, deterministic: bool):
+    """views -> Q-Former latents float[B, Q, H]."""
+    m = self.config.model
+    views = batch["views"]
+    b, j, s = views.shape[0], views.shape[1], views.shape[2]
+    mean, std = PIXEL_STATS[m.vision.family]
+    x = views.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(mean)) / jnp.asarray(std)
+    x = x.reshape((b * j, s, s, 3))
+    x = nn.with_logical_constraint(x, ("batch", None, None, None))
+    tokens = self.vision(x.astype(jnp.dtype(m.frozen_dtype)), deterministic=deterministic)
+    tokens = tokens.astype(jnp.dtype(m.dtype))
+    patch = m.vision.patch_size
+    g = s // patch
+    cls, grid = tokens[:, :1], tokens[:, 1:].reshape((b * j, g, g, tokens.shape[-1]))
+    boxes = batch["view_boxes"].reshape((b * j, 1, 4)).astype(jnp.float32)
+    pooled = ops.roi_align(grid, boxes, m.roi_output_size, 1.0 / patch,
+                           sampling_ratio=m.roi_sampling_ratio, aligned=m.roi_aligned)
+    r = m.roi_output_size
+    pooled = pooled.reshape((b * j, r * r, tokens.shape[-1]))
+    per_view = jnp.concatenate([cls, pooled], axis=1)
+    length, c = per_view.shape[1], per_view.shape[2]
+    per_view = per_view.reshape((b, j, length, c))
+    target = per_view[:, 0]
+    if j > 1:
+      cand = per_view[:, 1:].reshape((b * (j - 1), length, c))
+      tgt = jnp.repeat(target, j - 1, axis=0)
+      aligned = self.cross_view(cand, tgt, deterministic=deterministic)
+      per_view = jnp.concatenate([target[:, None], aligned.reshape((b, j - 1, length, c))], 1)
+    fused = self.view_fusion(per_view)
+    fused = nn.with_logical_constraint(fused, ("batch", "length", "embed"))
+    return self.qformer(fused, deterministic=deterministic)
+
+  def _encoder_input(self, latents, prompt_tokens, prompt_mask):
+    """[projected latents ; tag prompt embeddings + prompt vector] and its mask."""
+    proj = self.language_projection(latents)
+    emb = self.llm.embed(prompt_tokens).astype(proj.dtype)
+    emb = emb + self.prompt_vector.astype(proj.dtype)
+    emb = emb * prompt_mask[..., None].astype(emb.dtype)
+    x = jnp.concatenate([proj, emb], axis=1)
+    mask = jnp.concatenate([jnp.ones(proj.shape[:2], jnp.int32),
+                            prompt_mask.astype(jnp.int32)], axis=1)
+    return x, mask
+
+  def encode_tags(self, tag_clip_tokens, tag_clip_mask):
+    """The frozen CLIP text encoder's pooled output for every tag: float32[V, Dclip]."""
+    _, pooled = self.clip_text(tag_clip_tokens, tag_clip_mask)
+    return jax.lax.stop_gradient(pooled.astype(jnp.float32))
+
+  def _pairwise(self, scorer, rows, row_mask, cols, log_t, b):
+    """Pairwise sigmoid loss over the global batch in the configured form."""
+    m = self.config.model
+    if m.similarity == "dot":
+      w = row_mask[..., None].astype(rows.dtype)
+      pooled = jnp.sum(rows * w, 1) / jnp.maximum(jnp.sum(w, 1), 1.0)
+      x = pooled / (jnp.linalg.norm(pooled, axis=-1, keepdims=True) + 1e-6)
+      y = cols / (jnp.linalg.norm(cols, axis=-1, keepdims=True) + 1e-6)
+      score_fn, score_params = None, None
+    else:
+      if self.is_initializing():
+        scorer(rows, row_mask, cols)  # creates the scorer's parameters
+      score_params = scorer.variables["params"]
+      pure = scorer.clone(parent=None)
+      x = pure.apply({"params": score_params}, rows, row_mask,
+                     method=scorer_lib.PairwiseScorer.project_regions)
+      y = cols
+      score_fn = scorer_lib.make_score_fn(pure)
+    x = jax.tree.map(lambda a: a.astype(jnp.float32), x)
+    y = y.astype(jnp.float32)
+    if m.pairwise_form == "ring":
+      mesh = jax.sharding.get_abstract_mesh()
+      axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+      if not axes:
+        raise ValueError("pairwise_form='ring' needs a mesh with a 'data' or 'fsdp' axis; "
+                         "run under jax.set_mesh(mesh)")
+      return losses_lib.sharded_pairwise_sigmoid_loss(
+          x, y, log_t, b, mesh=mesh, axis_names=axes, score_fn=score_fn,
+          score_params=score_params)
+    block = m.pairwise_block_size if m.pairwise_form == "chunked" else None
+    return losses_lib.pairwise_sigmoid_loss(x, y, log_t, b, block_size=block,
+                                            score_fn=score_fn, score_params=score_params)
+
+  # ------------------------------------------------------------------ training
+  def __call__(self, batch, tag_embeddings, *, train: bool = False):
+    """All four losses of Eq. 1. Returns (loss, metrics dict of float32 scalars)."""
+    lc, m = self.config.loss, self.config.model
+    deterministic = not train
+    valid = batch["valid"].astype(jnp.float32)
+    latents = self._region_latents(batch, deterministic)
+    tag_logits, adapted_tags = self.tagging(latents, tag_embeddings)
+    loss_tag = losses_lib.asymmetric_loss(
+        tag_logits, batch["tag_labels"], gamma_neg=lc.asl_gamma_neg,
+        gamma_pos=lc.asl_gamma_pos, clip=lc.asl_clip, mask=valid)
+
+    enc_in, enc_mask = self._encoder_input(latents, batch["prompt_tokens"], batch["prompt_mask"])
+    cap, cap_mask = batch["caption_tokens"], batch["caption_mask"] * batch["valid"][:, None]
+    fdt = jnp.dtype(m.frozen_dtype)
+    if m.llm.family == "t5":
+      start = jnp.full((cap.shape[0], 1), m.llm.decoder_start_token_id, cap.dtype)
+      dec_in = jnp.concatenate([start, cap[:, :-1]], axis=1)
+      logits = self.llm(enc_in.astype(fdt), enc_mask, dec_in)
+    else:
+      full = jnp.concatenate([enc_in.astype(fdt), self.llm.embed(cap).astype(fdt)], axis=1)
+      full_mask = jnp.concatenate([enc_mask, batch["caption_mask"].astype(jnp.int32)], axis=1)
+      logits = self.llm(full, full_mask)[:, enc_in.shape[1] - 1:-1]
+    loss_cap, _ = losses_lib.caption_cross_entropy(logits, cap, cap_mask)
+
+    # L_cond: image-conditioned tag features vs CLIP features of the caption.
+    cond_rows = self.cond_region(latents, adapted_tags)
+    _, clip_pooled = self.clip_text(batch["clip_tokens"], batch["clip_mask"])
+    cond_cols = self.cond_caption_proj(jax.lax.stop_gradient(clip_pooled).astype(cond_rows.dtype))
+    loss_cond = self._pairwise(getattr(self, "cond_scorer", None), cond_rows,
+                               jnp.ones(cond_rows.shape[:2], bool), cond_cols,
+                               self.cond_log_t, self.cond_b)
+
+    # L_multi: LLM encoder input vs mean LLM input embedding of the caption.
+    multi_rows = self.multi_region_proj(enc_in)
+    cap_emb = jax.lax.stop_gradient(self.llm.embed(cap)).astype(jnp.float32)
+    w = batch["caption_mask"][..., None].astype(jnp.float32)
+    cap_mean = jnp.sum(cap_emb * w, 1) / jnp.maximum(jnp.sum(w, 1), 1.0)
+    multi_cols = self.multi_caption_proj(cap_mean.astype(multi_rows.dtype))
+    loss_multi = self._pairwise(getattr(self, "multi_scorer", None), multi_rows,
+                                enc_mask.astype(bool), multi_cols,
+                                self.multi_log_t, self.multi_b)
+
+    loss = (lc.alpha * loss_tag + lc.beta * loss_cap + lc.gamma * loss_cond
+            + lc.lambda_ * loss_multi)
+    metrics = {"loss": loss, "loss_cap": loss_cap, "loss_tag": loss_tag,
+               "loss_cond": loss_cond, "loss_multi": loss_multi}
+    return loss, {k: v.astype(jnp.float32) for k, v in metrics.items()}
+
+  # ------------------------------------------------------------------ decoding
+  def generate(self, batch, tag_embeddings, tag_table, *, num_beams: int = 2,
+               max_new_tokens: int = 20, min_length: int = 1, length_penalty: float = 0.0,
+               repetition_penalty: float = 1.5):
+    """Captions for a batch: predicted tags -> on-device prompt -> beam search.
+
+    Returns:
+      dict(tokens int32[B, max_new_tokens], scores float32[B], tag_probs float32[B, V]).
+    """
+    m = self.config.model
+    latents = self._region_latents(batch, True)
+    tag_logits, _ = self.tagging(latents, tag_embeddings)
+    probs = jax.nn.sigmoid(tag_logits)
+    prompt, pmask = build_prompt_on_device(
+        probs > m.tag_threshold, tag_table["tokens"], tag_table["lens"],
+        tag_table["comma_id"], tag_table["bar_id"], tag_table["eos_id"],
+        self.config.data.max_prompt_tokens)
+    enc_in, enc_mask = self._encoder_input(latents, prompt, pmask)
+    llm = llm_module(self.config)
+    llm_params = self.llm.variables["params"]
+    tokens, scores = generate_lib.generate(
+        llm, llm_params, inputs_embeds=enc_in.astype(jnp.dtype(m.frozen_dtype)),
+        attention_mask=enc_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
+        min_length=min_length, length_penalty=length_penalty,
+        repetition_penalty=repetition_penalty, eos_token_id=m.llm.eos_token_id,
+        pad_token_id=m.llm.pad_token_id,
+        decoder_start_token_id=m.llm.decoder_start_token_id if m.llm.family == "t5" else None)
+    return {"tokens": tokens, "scores": scores, "tag_probs": probs}
+
+
+def build_model(config, num_tags: int) -> AlignCap:
+  """The AlignCap module for a config and a tag vocabulary of size num_tags."""
+  if num_tags < 1:
+    raise ValueError(f"the tag vocabulary is empty (num_tags={num_tags})")
+  frozen = (config if isinstance(config, ml_collections.FrozenConfigDict)
+            else ml_collections.FrozenConfigDict(config))
+  return AlignCap(frozen, int(num_tags))
+
+
+def dummy_batch(config, batch_size: int, num_tags: int) -> dict[str, np.ndarray]:
+  """Zeros with the exact shapes and dtypes of the batch contract."""
+  d = config.data
+  b, j, s = batch_size, d.num_views, d.view_size
+  box = np.tile(np.asarray([0, 0, s, s], np.float32), (b, j, 1))
+  return {
+      "views": np.zeros((b, j, s, s, 3), np.uint8),
+      "view_boxes": box,
+      "caption_tokens": np.zeros((b, d.max_caption_tokens), np.int32),
+      "caption_mask": np.ones((b, d.max_caption_tokens), np.int32),
+      "clip_tokens": np.zeros((b, d.clip_max_tokens), np.int32),
+      "clip_mask": np.ones((b, d.clip_max_tokens), np.int32),
+      "tag_labels": np.zeros((b, num_tags), np.float32),
+      "prompt_tokens": np.zeros((b, d.max_prompt_tokens), np.int32),
+      "prompt_mask": np.ones((b, d.max_prompt_tokens), np.int32),
+      "region_id": np.arange(b, dtype=np.int32),
+      "image_id": np.arange(b, dtype=np.int32),
+      "valid": np.ones((b,), np.int32),
+  }
+
+
+def dummy_tag_inputs(config, num_tags: int, tag_len: int = 4):
+  """(tag_clip_tokens int32[V, 77], tag_clip_mask int32[V, 77], tag_table) of zeros."""
+  d = config.data
+  table = {"tokens": np.zeros((num_tags, tag_len), np.int32),
+           "lens": np.ones((num_tags,), np.int32),
+           "comma_id": np.asarray(3, np.int32), "bar_id": np.asarray(4, np.int32),
+           "eos_id": np.asarray(config.model.llm.eos_token_id, np.int32)}
+  return (np.zeros((num_tags, d.clip_max_tokens), np.int32),
+          np.ones((num_tags, d.clip_max_tokens), np.int32), table)
