@@ -75,8 +75,7 @@ def get_config(arg: str | None = None):
     c.train.total_steps = 20
     c.train.log_every_steps = 5
     c.train.checkpoint_every_steps = 10
-    c.data.synthetic.num_train_images = 100
-    c.data.synthetic.num_test_images = 20
+    c.train.eval_max_examples = 20
   elif arg:
     raise ValueError(f"unknown variant '{arg}' of configs/synthetic.py (known: dot, smoke)")
   return c
