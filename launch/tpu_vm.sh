@@ -10,7 +10,7 @@
 #   1. create the slice (only with --create);
 #   2. setup: pack the current checkout (git archive HEAD), copy it to every worker,
 #      and install it with the TPU extra into ~/aligncap_jax/.venv;
-#   3. run `python -m aligncap_jax.main --distributed` on every worker at once
+#   3. run `ALIGNCAP_DISTRIBUTED=1 python -m aligncap_jax.main` on every worker at once
 #      (jax.distributed.initialize() finds the slice's workers by itself).
 # The workdir must be a GCS path (gs://...): every worker writes its checkpoint
 # shards there through orbax, and eval/export read it back.
@@ -61,7 +61,7 @@ run() {
 
 remote_dir="~/aligncap_jax"
 tarball="/tmp/aligncap_jax_${name}.tar.gz"
-main_cmd="cd $remote_dir && .venv/bin/python -m aligncap_jax.main --config $config --workdir $workdir --mode $mode --distributed"
+main_cmd="cd $remote_dir && ALIGNCAP_DISTRIBUTED=1 .venv/bin/python -m aligncap_jax.main --config $config --workdir $workdir --mode $mode"
 for a in "${extra[@]+"${extra[@]}"}"; do main_cmd+=" $a"; done
 
 if [[ $create -eq 1 ]]; then
