@@ -8,7 +8,6 @@ section 10: ViT, Q-Former, projection, T5-XL and the CLIP text tower only).
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 from aligncap_jax import sharding
+from aligncap_jax import train_state
 
 # Public parameter counts of the checkpoints the real configs start from. The
 # per-part figures are exact counts of each checkpoint's unique tensors (the
@@ -46,25 +46,6 @@ PUBLIC_PARTS = {
 PUBLIC_TOTAL = sum(PUBLIC_PARTS.values())
 
 
-def path_str(path: tuple) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
-def trainable_mask(config: ml_collections.ConfigDict, params: Any) -> Any:
-  """Bool per parameter leaf: True iff a `config.trainable` regex matches its path.
-
-  Args:
-    config: the full config (uses `config.trainable`).
-    params: a parameter tree (arrays, ShapeDtypeStructs or flax boxes).
-
-  Returns:
-    A tree of Python bools with the unboxed structure of `params`.
-  """
-  patterns = [re.compile(p) for p in config.trainable]
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: any(r.search(path_str(p)) for r in patterns), nn.meta.unbox(params))
-
-
 def abstract_variables(config: ml_collections.ConfigDict, model: nn.Module,
                        num_tags: int) -> Any:
   """`jax.eval_shape` of `model.init` on a one-region dummy batch (boxed, no weights)."""
@@ -76,19 +57,16 @@ def abstract_variables(config: ml_collections.ConfigDict, model: nn.Module,
       lambda: model.init({"params": key, "dropout": key}, batch, tag_embeddings, train=False))
 
 
-def _nbytes(x) -> int:
-  return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-
-
-def _per_device_bytes(x, spec: jax.sharding.PartitionSpec, mesh_sizes: dict[str, int]) -> int:
-  """Bytes of one device's shard of `x` (uneven dims are replicated, as sharding does)."""
-  shard = list(x.shape)
+def _shard_size(shape: tuple[int, ...], spec: jax.sharding.PartitionSpec,
+                mesh_sizes: dict[str, int]) -> int:
+  """Elements in one device's shard (uneven dims are replicated, as `sharding` does)."""
+  shard = list(shape)
   for i, axes in enumerate(tuple(spec)[:len(shard)]):
     names = (axes,) if isinstance(axes, str) else tuple(axes or ())
     size = math.prod(mesh_sizes[a] for a in names)
     if size and shard[i] % size == 0:
       shard[i] //= size
-  return math.prod(shard) * jnp.dtype(x.dtype).itemsize
+  return math.prod(shard)
 
 
 def _fmt_gib(n: float) -> str:
@@ -121,12 +99,10 @@ def describe(config: ml_collections.ConfigDict, num_devices: int | None = None,
   boxed = variables["params"]
   specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), sharding.logical_rules(config))
   params = nn.meta.unbox(boxed)
-  mask = trainable_mask(config, params)
+  mask = train_state.trainable_mask(config, params)
   flat = traverse_util.flatten_dict(params, sep="/")
   flat_mask = traverse_util.flatten_dict(mask, sep="/")
-  flat_spec = traverse_util.flatten_dict(
-      jax.tree.map(lambda s: s, specs,
-                   is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)), sep="/")
+  flat_spec = traverse_util.flatten_dict(specs, sep="/")
 
   modules: dict[str, list[int]] = {}
   total = trainable = per_device = adam = 0
@@ -136,12 +112,12 @@ def describe(config: ml_collections.ConfigDict, num_devices: int | None = None,
     row = modules.setdefault(top, [0, 0])
     row[0] += n
     total += n
-    shard_bytes = _per_device_bytes(x, flat_spec[path], mesh_sizes)
-    per_device += shard_bytes
+    shard = _shard_size(x.shape, flat_spec[path], mesh_sizes)
+    per_device += shard * jnp.dtype(x.dtype).itemsize
     if flat_mask[path]:
       row[1] += n
       trainable += n
-      adam += 2 * shard_bytes * 4 // jnp.dtype(x.dtype).itemsize
+      adam += 2 * shard * 4
 
   width = max(len(k) for k in modules)
   print(f"mesh: {' x '.join(f'{a}={s}' for a, s in mesh_sizes.items())} "

@@ -35,7 +35,7 @@ def get_config(arg=None):
                num_decoder_layers=1, num_heads=4, relative_attention_num_buckets=8,
                relative_attention_max_distance=16)
   m.clip_text.update(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2,
-                     intermediate_size=64, eos_token_id=511, projection_dim=32)
+                     intermediate_size=64, eos_token_id=1, projection_dim=32)
   m.roi_output_size = 4
   m.cross_view.num_heads = 2
   m.tagging.update(dim=16, num_heads=2, mlp_dim=32, num_layers=1)

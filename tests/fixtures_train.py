@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import types
 
 import flax.linen as nn
@@ -199,6 +200,9 @@ def make_train_iterator(config, assets, *, global_batch_size, process_index, pro
   ds = ds[process_index::process_count]
   ds = ds.random_map(lambda i, rng: _example(config, int(i), rng), seed=seed + 1)
   ds = ds.batch(local, drop_remainder=True)
+  delay = float(os.environ.get("FAKE_BATCH_DELAY_S", "0"))
+  if delay:  # lets subprocess tests signal a run mid-way
+    ds = ds.map(lambda b: (time.sleep(delay), b)[1])
   return iter(ds.to_iter_dataset())
 
 

@@ -51,9 +51,12 @@ def test_ties_by_total_score_then_name():
 
 def test_score_threshold_neither_counts_nor_makes_views():
   objs = [_obj("cat", [0, 0, 1, 1], 0.9), _obj("dog", [30, 30, 31, 31], 0.2),
-          _obj("dog", [0, 30, 1, 31], 0.2), _obj("cat", [30, 0, 31, 1], 0.1)]
+          _obj("dog", [0, 30, 1, 31], 0.2), _obj("cat", [30, 0, 31, 1], 0.1),
+          _obj("dog", [30, 30, 31, 31], 0.2)]
+  # At 0.5 only one cat counts, and the 0.1 cat makes no view.
   views = god.propose_views([10, 10, 20, 20], objs, top_k=1, score_threshold=0.5)
   np.testing.assert_array_equal(views, [[0, 0, 20, 20]])
+  # At 0.0 the three dogs win (the repeated dog box gives one view).
   views = god.propose_views([10, 10, 20, 20], objs, top_k=1, score_threshold=0.0)
   np.testing.assert_array_equal(views, [[10, 10, 31, 31], [0, 10, 20, 31]])
 
@@ -86,7 +89,7 @@ def _random_image(rng, h, w, kind):
     return np.full((h, w, 3), rng.integers(0, 256), np.uint8)
   if kind == 1:
     small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.NEAREST))
+    return np.array(Image.fromarray(small).resize((w, h), Image.Resampling.NEAREST))
   return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 

@@ -31,9 +31,9 @@ def test_tpu_vm_dry_run_prints_create_setup_and_run_on_all_workers():
       "'mkdir -p ~/aligncap_jax && tar -xzf ~/aligncap_jax.tar.gz -C ~/aligncap_jax && "
       "cd ~/aligncap_jax && python3 -m venv .venv && .venv/bin/pip install -q -e .[tpu]'",
       "gcloud compute tpus tpu-vm ssh ac-v5e --zone us-west4-a --worker=all --command "
-      "'cd ~/aligncap_jax && .venv/bin/python -m aligncap_jax.main "
+      "'cd ~/aligncap_jax && ALIGNCAP_DISTRIBUTED=1 .venv/bin/python -m aligncap_jax.main "
       "--config configs/vg_t5xl.py:v5e_8 --workdir gs://bkt/runs/vg --mode train "
-      "--distributed --config.data.data_dir=gs://bkt/tfds'",
+      "--config.data.data_dir=gs://bkt/tfds'",
   ]
 
 
@@ -44,8 +44,8 @@ def test_tpu_vm_skip_setup_runs_only_the_job():
   assert res.returncode == 0, res.stderr
   assert res.stdout.splitlines() == [
       "gcloud compute tpus tpu-vm ssh n --zone z --worker=all --command "
-      "'cd ~/aligncap_jax && .venv/bin/python -m aligncap_jax.main "
-      "--config configs/vg_t5xl.py --workdir gs://b/w --mode eval --distributed'"]
+      "'cd ~/aligncap_jax && ALIGNCAP_DISTRIBUTED=1 .venv/bin/python -m aligncap_jax.main "
+      "--config configs/vg_t5xl.py --workdir gs://b/w --mode eval'"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -95,10 +95,10 @@ class AlignCap(nn.Module):
     self.multi_region_proj = layers.dense(sc.dim, ("embed", "mlp"), "multi_region_proj", dt, pdt)
     self.multi_caption_proj = layers.dense(sc.dim, ("embed", "mlp"), "multi_caption_proj", dt, pdt)
     if m.similarity == "cross_attention":
-      self.cond_scorer = scorer_lib.PairwiseScorer(sc.dim, sc.num_heads, sc.mlp_dim,
-                                                   sc.num_layers, dt, pdt)
-      self.multi_scorer = scorer_lib.PairwiseScorer(sc.dim, sc.num_heads, sc.mlp_dim,
-                                                    sc.num_layers, dt, pdt)
+      kw = dict(dim=sc.dim, num_heads=sc.num_heads, mlp_dim=sc.mlp_dim,
+                num_layers=sc.num_layers, dtype=dt, param_dtype=pdt)
+      self.cond_scorer = scorer_lib.PairwiseScorer(**kw)
+      self.multi_scorer = scorer_lib.PairwiseScorer(**kw)
     lc = self.config.loss
     const = lambda v: (lambda *_: jnp.asarray(v, jnp.float32))
     self.cond_log_t = self.param("cond_log_t", const(lc.init_log_t))
@@ -171,9 +171,9 @@ class AlignCap(nn.Module):
     else:
       if self.is_initializing():
         scorer(rows, row_mask, cols)  # creates the scorer's parameters
-      score_params = scorer.variables["params"]
+      score_params = {"params": scorer.variables["params"]}
       pure = scorer.clone(parent=None)
-      x = pure.apply({"params": score_params}, rows, row_mask,
+      x = pure.apply(score_params, rows, row_mask,
                      method=scorer_lib.PairwiseScorer.project_regions)
       y = cols
       score_fn = scorer_lib.make_score_fn(pure)
@@ -259,7 +259,7 @@ class AlignCap(nn.Module):
         tag_table["comma_id"], tag_table["bar_id"], tag_table["eos_id"],
         self.config.data.max_prompt_tokens)
     enc_in, enc_mask = self._encoder_input(latents, prompt, pmask)
-    llm = llm_module(self.config)
+    llm = self.llm.clone(parent=None)
     llm_params = self.llm.variables["params"]
     tokens, scores = generate_lib.generate(
         llm, llm_params, inputs_embeds=enc_in.astype(jnp.dtype(m.frozen_dtype)),

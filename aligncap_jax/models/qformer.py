@@ -21,8 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aligncap_jax.models.vit import (_fields_from, activation, apply_layers, dense,
-                                     dot_product_attention, layer_norm)
+from aligncap_jax.models.vit import (activation, apply_layers, dense,
+                                     dot_product_attention, fields_from_config,
+                                     layer_norm)
 
 Dtype = Any
 
@@ -99,7 +100,7 @@ class QFormerConfig:
   @classmethod
   def from_config(cls, cd, **overrides) -> QFormerConfig:
     """From `config.model.qformer`; `overrides` set the rest (dropout, scan, remat)."""
-    return cls(**_fields_from(cls, cd, "model.qformer"), **overrides)
+    return cls(**fields_from_config(cls, cd, "model.qformer"), **overrides)
 
 
 class BertAttention(nn.Module):
@@ -121,29 +122,11 @@ class BertAttention(nn.Module):
     q = dense(heads, ("embed", "heads", "kv"), name="query", **kw)(x)
     k = dense(heads, ("embed", "heads", "kv"), name="key", **kw)(kv)
     v = dense(heads, ("embed", "heads", "kv"), name="value", **kw)(kv)
-    if self.dropout and not deterministic:
-      # Attention-probability dropout is folded into the values' mixing weights:
-      # dropping a (query, key) pair equals dropping that key's value for that query.
-      probs_rng = self.make_rng("dropout")
-      out = _attention_with_dropout(q, k, v, mask, self.dropout, probs_rng)
-    else:
-      out = dot_product_attention(q, k, v, mask)
+    rng = self.make_rng("dropout") if self.dropout and not deterministic else None
+    out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout, dropout_rng=rng)
     out = dense(hidden, ("heads", "kv", "embed"), axis=(-2, -1), name="dense", **kw)(out)
     out = nn.Dropout(self.dropout)(out, deterministic=deterministic)
     return layer_norm(self.layer_norm_eps, name="norm", **kw)(out + x)
-
-
-def _attention_with_dropout(q, k, v, mask, rate, rng):
-  """`dot_product_attention` with dropout on the attention probabilities."""
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                      preferred_element_type=jnp.float32) * scale
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
-  probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 class QFormerLayer(nn.Module):

@@ -77,7 +77,8 @@ def dense(features: int | tuple[int, ...], axes: tuple[str | None, ...], *,
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None = None) -> jax.Array:
+                          mask: jax.Array | None = None, *, dropout_rate: float = 0.0,
+                          dropout_rng: jax.Array | None = None) -> jax.Array:
   """Scaled dot-product attention, softmax in float32.
 
   Args:
@@ -85,6 +86,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     k: float[B, Lk, H, D].
     v: float[B, Lk, H, D].
     mask: optional bool, broadcastable to [B, H, Lq, Lk]; False = not attended.
+    dropout_rate: dropout on the attention probabilities (needs dropout_rng).
+    dropout_rng: PRNG key; None = no dropout.
 
   Returns:
     float[B, Lq, H, D] in q's dtype.
@@ -94,8 +97,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                       preferred_element_type=jnp.float32) * scale
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
 class SelfAttention(nn.Module):
@@ -276,10 +282,12 @@ class VisionConfig:
   def from_config(cls, cd, **overrides) -> VisionConfig:
     """From `config.model.vision` (a ConfigDict); `overrides` set the rest
     (e.g. `scan_layers=config.model.scan_layers, remat=config.model.remat`)."""
-    return cls(**_fields_from(cls, cd, "model.vision"), **overrides)
+    return cls(**fields_from_config(cls, cd, "model.vision"), **overrides)
 
 
-def _fields_from(cls, cd, where: str) -> dict:
+def fields_from_config(cls, cd, where: str) -> dict:
+  """The items of ConfigDict `cd` as kwargs of dataclass `cls`; an unknown field is
+  a ValueError naming `where.field`."""
   known = {f.name for f in dataclasses.fields(cls)}
   items = dict(cd.items())
   unknown = sorted(set(items) - known)

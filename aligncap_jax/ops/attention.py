@@ -9,8 +9,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None) -> jax.Array:
   """Softmax attention of every query over its batch element's keys.
 
-  The logits and the softmax are computed in float32 whatever the input dtype;
-  the output has the dtype of `v`. A query whose keys are all masked gets zeros.
+  The logits and the softmax are computed in float32 (float64 for float64
+  inputs); the output has the dtype of `v`. A query whose keys are all masked gets zeros.
 
   Args:
     q: float[B, Lq, H, Dh] queries (not yet scaled).
@@ -24,11 +24,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(
-        f"dot_product_attention: q, k, v must be [B, L, H, Dh], got {q.shape}, {k.shape}, {v.shape}")
-  scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        "dot_product_attention: q, k, v must be [B, L, H, Dh], got "
+        f"{q.shape}, {k.shape}, {v.shape}")
+  acc = jnp.promote_types(jnp.result_type(q, k), jnp.float32)
+  scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], acc))
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc) * scale
   if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask, logits, jnp.finfo(acc).min)
   weights = jax.nn.softmax(logits, axis=-1)
   if mask is not None:
     weights = jnp.where(mask, weights, 0.0)

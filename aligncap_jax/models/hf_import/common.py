@@ -65,7 +65,12 @@ class SafetensorsFolder:
     path = self._file_of[name]
     if path not in self._handles:
       self._handles[path] = safe_open(path, framework="numpy")
-    return self._handles[path].get_tensor(name)
+    try:
+      return self._handles[path].get_tensor(name)
+    except TypeError:
+      # numpy has no bfloat16: read it through the flax backend (ml_dtypes).
+      with safe_open(path, framework="flax") as f:
+        return np.asarray(f.get_tensor(name))
 
 
 def identity(x: np.ndarray) -> np.ndarray:
