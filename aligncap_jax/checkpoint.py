@@ -20,7 +20,6 @@ from absl import logging
 from etils import epath
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 _TMP_MARK = ".orbax-checkpoint-tmp"
@@ -110,6 +109,10 @@ class Checkpointer:
     return jax.process_count() > 1 and self._mngr.reached_preemption(step)
 
   def _fail(self, step: int, err: Exception) -> CheckpointError:
+    try:  # let an earlier save still in flight finish before naming it
+      self._mngr.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
     self._mngr.reload()
     good = [s for s in self._mngr.all_steps() if s != step]
     prev = (f"the previous checkpoint (step {max(good)}) is intact" if good
@@ -184,7 +187,3 @@ def latest_step_or_fail(workdir: str, mode: str) -> int:
                             f"none: run --mode train with --workdir {workdir} first")
   return max(steps)
 
-
-def host_copy(tree: Any) -> Any:
-  """numpy copy of a (possibly sharded) tree, for comparisons in tests and logs."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

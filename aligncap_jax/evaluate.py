@@ -277,7 +277,8 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str, mode: st
   mesh = shd.make_mesh(config)
   assets = pipeline_lib.load_assets(config)
   model = model_lib.build_model(config, len(assets.tag_vocab))
-  factory = train_state.StateFactory(config, model, mesh, len(assets.tag_vocab), steps=1)
+  factory = train_state.StateFactory(config, model, mesh, len(assets.tag_vocab), steps=1,
+                                     model_lib=model_lib)
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   state = ckpt.restore(step, factory.abstract_state)
   ckpt.close()

@@ -80,29 +80,39 @@ def _quiet_orbax(record) -> bool:
   return record.levelno > 20 or "/orbax/" not in record.pathname
 
 
+def _checked_config():
+  """The parsed config, validated; ValueError/FileNotFoundError otherwise."""
+  from aligncap_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  flag = flags.FLAGS["config"]
+  filename = flag.present and config_flags.get_config_filename(flag)
+  if not filename:
+    raise ValueError("--config is required (e.g. --config configs/synthetic.py)")
+  if not os.path.isfile(filename.split(":", 1)[0]):
+    raise FileNotFoundError(f"--config {filename}: file not found")
+  config = _CONFIG.value
+  config_lib.validate(config)
+  return config
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_quiet_orbax)
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
-  from aligncap_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from aligncap_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from aligncap_jax import sharding  # pylint: disable=g-import-not-at-top
-  from aligncap_jax import train  # pylint: disable=g-import-not-at-top
   mode, workdir = _MODE.value, _WORKDIR.value
   try:
-    filename = flags.FLAGS["config"].present and config_flags.get_config_filename(
-        flags.FLAGS["config"])
-    if not filename:
-      raise ValueError("--config is required (e.g. --config configs/synthetic.py)")
-    if not os.path.isfile(filename.split(":", 1)[0]):
-      raise FileNotFoundError(f"--config {filename}: file not found")
-    config = _CONFIG.value
-    config_lib.validate(config)
+    config = _checked_config()
     if mode in _NEEDS_WORKDIR and not workdir:
       raise ValueError(f"--mode {mode} needs --workdir DIR")
+  except (ValueError, FileNotFoundError) as e:
+    _fail(str(e), 2)
+  # Heavy imports only once the command line is known to be sound.
+  import jax  # pylint: disable=g-import-not-at-top
+  from aligncap_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from aligncap_jax import sharding  # pylint: disable=g-import-not-at-top
+  from aligncap_jax import train  # pylint: disable=g-import-not-at-top
+  try:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
-    import jax  # pylint: disable=g-import-not-at-top
     logging.info("JAX %s on %s: process %d of %d, %d local / %d global devices: %s",
                  jax.__version__, jax.default_backend(), jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),

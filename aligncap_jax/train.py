@@ -202,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # ---------------------------------------------------------------- state
   model = model_lib.build_model(config, num_tags)
-  factory = ts.StateFactory(config, model, mesh, num_tags, steps)
+  factory = ts.StateFactory(config, model, mesh, num_tags, steps, model_lib=model_lib)
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_checkpoints_to_keep)
   metrics_path = os.path.join(workdir, METRICS_FILE)
   start = ckpt.latest_step()

@@ -124,11 +124,11 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
   return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
 
 
-def _init_fn(config, model, num_tags, tx_fn):
+def _init_fn(config, model, num_tags, tx_fn, model_lib):
   """A function rng -> boxed TrainState (for eval_shape and jit)."""
 
   def init(rng):
-    batch = jax.tree.map(jnp.asarray, _model_lib().dummy_batch(config, 1, num_tags))
+    batch = jax.tree.map(jnp.asarray, model_lib.dummy_batch(config, 1, num_tags))
     tag_emb = jnp.zeros((num_tags, config.model.clip_text.hidden_size), jnp.float32)
     k_params, k_drop, k_state = jax.random.split(rng, 3)
     variables = model.init({"params": k_params, "dropout": k_drop}, batch, tag_emb, train=False)
@@ -141,7 +141,7 @@ def _init_fn(config, model, num_tags, tx_fn):
   return init
 
 
-def _model_lib():
+def _default_model_lib():
   from aligncap_jax.models import aligncap  # pylint: disable=g-import-not-at-top
   return aligncap
 
@@ -155,10 +155,12 @@ class StateFactory:
     state_shardings: `TrainState` of `NamedSharding`s.
     mask: bool per parameter (True = trainable), unboxed.
     tx: the optax transformation.
+
+  `model_lib` (default `aligncap_jax.models.aligncap`) provides `dummy_batch`.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, model: nn.Module,
-               mesh: jax.sharding.Mesh, num_tags: int, steps: int):
+               mesh: jax.sharding.Mesh, num_tags: int, steps: int, *, model_lib: Any = None):
     self.config, self.model, self.mesh, self.num_tags = config, model, mesh, num_tags
     self.schedule = learning_rate_schedule(config, steps)
     self.tx = None
@@ -167,7 +169,7 @@ class StateFactory:
       self.tx = make_optimizer(config, self.schedule, trainable_mask(config, params))
       return self.tx
 
-    self._init = _init_fn(config, model, num_tags, tx_fn)
+    self._init = _init_fn(config, model, num_tags, tx_fn, model_lib or _default_model_lib())
     rng = jax.random.PRNGKey(config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(shd.logical_rules(config)):
       boxed = jax.eval_shape(self._init, rng)
@@ -188,17 +190,17 @@ class StateFactory:
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                         mesh: jax.sharding.Mesh, num_tags: int,
-                         steps: int = 1) -> TrainState:
+                         mesh: jax.sharding.Mesh, num_tags: int, steps: int = 1, *,
+                         model_lib: Any = None) -> TrainState:
   """The train state as sharded `jax.ShapeDtypeStruct`s, no weights created."""
-  return StateFactory(config, model, mesh, num_tags, steps).abstract_state
+  return StateFactory(config, model, mesh, num_tags, steps, model_lib=model_lib).abstract_state
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                       mesh: jax.sharding.Mesh, num_tags: int,
-                       steps: int = 1) -> tuple[TrainState, StateFactory]:
+                       mesh: jax.sharding.Mesh, num_tags: int, steps: int = 1, *,
+                       model_lib: Any = None) -> tuple[TrainState, StateFactory]:
   """A fresh sharded train state and the factory (optimizer, shardings) behind it."""
-  factory = StateFactory(config, model, mesh, num_tags, steps)
+  factory = StateFactory(config, model, mesh, num_tags, steps, model_lib=model_lib)
   return factory.create(), factory
 
 

@@ -90,7 +90,8 @@ def main() -> None:
     vg_rate[2] = len(items) / (time.perf_counter() - t0)
   views = len(out["views"]) / 50
 
-  print(f"machine: {os.cpu_count()} CPU cores")
+  print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} "
+        "(other jobs on the same cores lower the 2-process ratio)")
   print(f"GOD job, synthetic ({total} images of {args.image_size} px, whole build):")
   for procs in (1, 2):
     print(f"  {procs} process{'es' if procs > 1 else ''}: {rate[procs]:8.1f} images/s")

@@ -98,7 +98,7 @@ class FakeAlignCap(nn.Module):
     h = self._features(batch, False)
     logits = self.llm(h + self.prompt_vector)
     n = min(3, max_new_tokens - 1)
-    top = jnp.argsort(-logits[:, 3:], axis=-1)[:, :n] + 3
+    top = jnp.argsort(-logits[:, 3:3 + len(WORDS)], axis=-1)[:, :n] + 3
     b = logits.shape[0]
     tokens = jnp.concatenate([top, jnp.full((b, 1), tag_table["eos_id"]),
                               jnp.zeros((b, max_new_tokens - n - 1), jnp.int32)], -1)

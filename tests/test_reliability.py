@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -141,7 +140,8 @@ def test_checkpoint_from_other_config_names_paths_and_shapes(reference):
   # Nothing was lost: the checkpoint still restores with the right config.
   c = _config()
   factory = ts.StateFactory(c, ft.FakeAlignCap(c, ft.NUM_TAGS), shd.make_mesh(c),
-                            ft.NUM_TAGS, STEPS)
+                            ft.NUM_TAGS, STEPS,
+                            model_lib=ft.FakeModelLib)
   ck = ckpt_lib.Checkpointer(reference, read_only=True)
   assert int(ck.restore(STEPS, factory.abstract_state).step) == STEPS
   ck.close()
@@ -165,7 +165,8 @@ def test_full_disk_during_save_is_a_clear_error_and_keeps_previous(tmp_path, mon
   monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
   c = _config()
   factory = ts.StateFactory(c, ft.FakeAlignCap(c, ft.NUM_TAGS), shd.make_mesh(c),
-                            ft.NUM_TAGS, STEPS)
+                            ft.NUM_TAGS, STEPS,
+                            model_lib=ft.FakeModelLib)
   ck = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
   assert ck.all_steps() == [EVERY]
   state = ck.restore(EVERY, factory.abstract_state)
@@ -200,4 +201,3 @@ def test_incomplete_checkpoint_is_reported_and_ignored(tmp_path, caplog):
   assert any("ignoring incomplete checkpoint" in r.getMessage() for r in caplog.records)
   with pytest.raises(FileNotFoundError, match="needs a trained checkpoint"):
     ckpt_lib.latest_step_or_fail(str(tmp_path), "eval")
-  shutil.rmtree(ckdir)

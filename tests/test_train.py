@@ -27,7 +27,8 @@ LIBS = dict(model_lib=ft.FakeModelLib, pipeline_lib=ft.FakePipelineLib)
 def _run_steps(config, devices, n, batches):
   mesh = shd.make_mesh(config, devices)
   model = ft.FakeAlignCap(config, ft.NUM_TAGS)
-  state, factory = ts.create_train_state(config, model, mesh, ft.NUM_TAGS, steps=10)
+  state, factory = ts.create_train_state(config, model, mesh, ft.NUM_TAGS, steps=10,
+                                          model_lib=ft.FakeModelLib)
   step = ts.make_train_step(config, model, mesh, factory)
   emb = np.linspace(-1, 1, ft.NUM_TAGS * 32, dtype=np.float32).reshape(ft.NUM_TAGS, 32)
   losses = []
@@ -67,7 +68,8 @@ def test_trainable_regex_mask_and_frozen_params_do_not_move():
   c.trainable = [r"^vision/", r"^prompt_vector$"]
   mesh = shd.make_mesh(c, jax.devices()[:1])
   model = ft.FakeAlignCap(c, ft.NUM_TAGS)
-  state, factory = ts.create_train_state(c, model, mesh, ft.NUM_TAGS, steps=4)
+  state, factory = ts.create_train_state(c, model, mesh, ft.NUM_TAGS, steps=4,
+                                          model_lib=ft.FakeModelLib)
   assert factory.mask["vision"]["kernel"] and factory.mask["prompt_vector"]
   assert not factory.mask["llm"]["kernel"] and not factory.mask["clip_text"]["embedding"]
   n_train, n_frozen = ts.count_params(state.params, factory.mask)
@@ -108,11 +110,11 @@ def test_state_is_created_sharded():
   c.mesh.data, c.mesh.fsdp = 4, 2
   mesh = shd.make_mesh(c)
   model = ft.FakeAlignCap(c, ft.NUM_TAGS)
-  abstract = ts.abstract_train_state(c, model, mesh, ft.NUM_TAGS)
+  abstract = ts.abstract_train_state(c, model, mesh, ft.NUM_TAGS, model_lib=ft.FakeModelLib)
   # 'embed' -> fsdp (2): the clip embedding's second axis is split in two.
   emb = abstract.params["clip_text"]["embedding"]
   assert emb.sharding.shard_shape(emb.shape) == (512, 16)
-  state, _ = ts.create_train_state(c, model, mesh, ft.NUM_TAGS)
+  state, _ = ts.create_train_state(c, model, mesh, ft.NUM_TAGS, model_lib=ft.FakeModelLib)
   arr = state.params["clip_text"]["embedding"]
   assert arr.sharding == emb.sharding
   assert arr.addressable_shards[0].data.shape == (512, 16)
@@ -143,7 +145,8 @@ def test_nan_batch_is_skipped_reported_and_training_goes_on(tmp_path, caplog):
   # update-free step. The restored final state is finite.
   ck = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
   mesh = shd.make_mesh(c)
-  factory = ts.StateFactory(c, ft.FakeAlignCap(c, ft.NUM_TAGS), mesh, ft.NUM_TAGS, 5)
+  factory = ts.StateFactory(c, ft.FakeAlignCap(c, ft.NUM_TAGS), mesh, ft.NUM_TAGS, 5,
+                            model_lib=ft.FakeModelLib)
   state = ck.restore(5, factory.abstract_state)
   ck.close()
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
@@ -153,7 +156,8 @@ def test_nan_step_leaves_params_and_optimizer_untouched():
   c = tiny.get_config()
   mesh = shd.make_mesh(c, jax.devices()[:1])
   model = ft.FakeAlignCap(c, ft.NUM_TAGS)
-  state, factory = ts.create_train_state(c, model, mesh, ft.NUM_TAGS, steps=4)
+  state, factory = ts.create_train_state(c, model, mesh, ft.NUM_TAGS, steps=4,
+                                          model_lib=ft.FakeModelLib)
   step = ts.make_train_step(c, model, mesh, factory)
   it = ft.make_train_iterator(c, None, global_batch_size=2, process_index=0, process_count=1)
   emb = np.zeros((ft.NUM_TAGS, 32), np.float32)

@@ -5,30 +5,34 @@ TensorFlow at read time), proposes each region's context views with
 `god.propose_views`, scores them with `god` pHash distances, builds the tag
 vocabulary from the train split's captions and writes everything as a new TFDS
 dataset (record layout: `aligncap_jax/data/builders/god/god_builder.py`). Images
-are processed by `num_processes` worker processes (spawned; output order is the
-base order, whatever the count) behind a tqdm progress bar.
+are processed by `num_processes` worker processes (started from a fork server,
+so a script calling `build` with `num_processes > 1` needs an
+`if __name__ == "__main__":` guard; output order is the base order, whatever the
+count) behind a tqdm progress bar.
 
 Detections: the base records' own `objects` (synthetic: simulated detector;
 VG/RefCOCOg: annotations, score 1.0), or `detections_file`, a JSON object
 `{"categories": [{"id", "name"}], "detections": [{"image_id", "category_id",
 "bbox": [x, y, w, h], "score"}]}` (COCO results format + its category list).
 
-Past one machine: TFDS can run the same generation on Apache Beam. Install the
-extra in its own virtualenv (beam pins older protobuf/pyarrow):
-`python -m venv beam && beam/bin/pip install .[beam]`, then build with a Beam
-pipeline passed to TFDS, e.g. in Python
+Past one machine (not built in; how TFDS's Beam support would run it): TFDS
+hands generation to Apache Beam when a builder's `_generate_examples` returns a
+`beam.PTransform` instead of a Python generator. A Beam variant of `GodBuilder`
+returns, per split, `beam.Create(range(n)) | beam.Map(lambda i: (i,
+annotate_record(source[i], objects_i, params, TagMatcher(vocab))))` (the base
+data source opened once per worker; `disable_shuffling` keeps key order), and is
+built with the extra installed in its own virtualenv (beam pins older
+protobuf/pyarrow): `python -m venv beam && beam/bin/pip install .[beam]`, then
 
-    import apache_beam as beam
-    opts = beam.options.pipeline_options.PipelineOptions(
+    opts = apache_beam.options.pipeline_options.PipelineOptions(
         ["--runner=DataflowRunner", "--project=P", "--region=R",
          "--temp_location=gs://B/tmp", "--requirements_file=requirements.lock"])
-    builder = god_builder_class("visual_genome_regions")(
-        params=GodParams(top_k=1), data_dir="gs://B/tfds", file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         beam_options=opts))
 
-(`--runner=DirectRunner --direct_num_workers=16` for one big machine). The
-default path here never imports apache_beam.
+with `data_dir="gs://B/tfds"` (or `--runner=DirectRunner
+--direct_num_workers=16 --direct_running_mode=multi_processing` on one big
+machine). The default path here never imports apache_beam.
 """
 from __future__ import annotations
 

@@ -1,1 +1,20 @@
-"""aligncap_jax."""
+"""Flax modules of AlignCap and its backbones."""
+from aligncap_jax.models.aligncap import AlignCap
+from aligncap_jax.models.aligncap import build_model
+from aligncap_jax.models.aligncap import dummy_batch
+from aligncap_jax.models.clip_text import CLIPTextConfig
+from aligncap_jax.models.clip_text import CLIPTextEncoder
+from aligncap_jax.models.cross_view import CrossViewBlock
+from aligncap_jax.models.cross_view import ViewFusion
+from aligncap_jax.models.decoder_lm import DecoderLM
+from aligncap_jax.models.decoder_lm import DecoderLMConfig
+from aligncap_jax.models.generate import generate
+from aligncap_jax.models.pairwise_scorer import PairwiseScorer
+from aligncap_jax.models.pairwise_scorer import make_score_fn
+from aligncap_jax.models.qformer import QFormer
+from aligncap_jax.models.qformer import QFormerConfig
+from aligncap_jax.models.t5 import T5
+from aligncap_jax.models.t5 import T5Config
+from aligncap_jax.models.tagging import TaggingHead
+from aligncap_jax.models.vit import VisionConfig
+from aligncap_jax.models.vit import VisionTransformer

@@ -177,7 +177,8 @@ class AlignCap(nn.Module):
                      method=scorer_lib.PairwiseScorer.project_regions)
       y = cols
       score_fn = scorer_lib.make_score_fn(pure)
-    x = jax.tree.map(lambda a: a.astype(jnp.float32), x)
+    x = jax.tree.map(
+        lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a, x)
     y = y.astype(jnp.float32)
     if m.pairwise_form == "ring":
       mesh = jax.sharding.get_abstract_mesh()
