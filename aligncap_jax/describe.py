@@ -20,19 +20,20 @@ from flax import traverse_util
 from aligncap_jax import sharding
 from aligncap_jax import train_state
 
-# Public parameter counts of the checkpoints the real configs start from. The
-# per-part figures are exact counts of each checkpoint's unique tensors (the
-# transformers classes built from the hub config.json files, on the meta device);
-# the hub pages round them and also count T5's tied input embedding twice
-# (shared + encoder/decoder embed_tokens in the safetensors file).
-# hf.co/Salesforce/blip2-flan-t5-xl ("3.94B params" = 3_942_446_592 on the hub,
-# i.e. 3_876_648_448 unique + one duplicated 32128 x 2048 embedding):
+# Public parameter counts of the checkpoints the real configs start from: exact
+# counts of each checkpoint's unique tensors, which add up to the hub pages'
+# rounded figures. hf.co/Salesforce/blip2-flan-t5-xl ("3.94B params" =
+# 3_942_446_592 = the five BLIP-2 parts below, Flan-T5-XL included):
 BLIP2_VIT_G = 985_952_256           # vision_model, incl. post_layernorm (ln_vision)
 BLIP2_QFORMER = 105_137_664         # qformer (layernorm + 12 BERT-base layers)
 BLIP2_QUERY_TOKENS = 24_576         # query_tokens 1 x 32 x 768
 BLIP2_PROJECTION = 1_574_912        # language_projection 768 -> 2048
-# hf.co/google/flan-t5-xl ("2.85B params" = 2_849_757_184 with the duplicate):
-FLAN_T5_XL = 2_783_959_040
+# hf.co/google/flan-t5-xl ("2.85B params"): T5 v1.1 does not tie the output layer
+# to the input embedding (config.json: tie_word_embeddings false), so its
+# safetensors hold `shared` and `lm_head` (32128 x 2048 each) besides the 24 + 24
+# layers. transformers 5 builds T5 with the two tied and so counts 2_783_959_040,
+# one 32128 x 2048 matrix fewer than the checkpoint holds.
+FLAN_T5_XL = 2_849_757_184
 # hf.co/openai/clip-vit-large-patch14 ("428M params" = 427_616_513 in all);
 # its text tower (CLIPTextModel: embeddings, 12 layers, final layer norm):
 CLIP_L14_TEXT = 123_060_480

@@ -39,6 +39,19 @@ def default_libs(model_lib: Any = None, pipeline_lib: Any = None) -> tuple[Any, 
   return model_lib, pipeline_lib
 
 
+def prepare_data(config: ml_collections.ConfigDict, pipeline_lib: Any) -> None:
+  """Builds the synthetic dataset when missing (process 0), then syncs processes.
+
+  Real datasets are only checked: a missing one is a FileNotFoundError saying to
+  run `--mode prepare`.
+  """
+  if jax.process_index() == 0:
+    pipeline_lib.prepare(config)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("aligncap_prepare")
+
+
 def simple_tokenize(text: str) -> str:
   """Lowercase, punctuation removed, whitespace collapsed (PTB fallback)."""
   return " ".join(_PUNCT.sub(" ", text.lower()).split())
@@ -275,6 +288,7 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str, mode: st
   step = ckpt_lib.latest_step_or_fail(workdir, mode)
   model_lib, pipeline_lib = default_libs(model_lib, pipeline_lib)
   mesh = shd.make_mesh(config)
+  prepare_data(config, pipeline_lib)
   assets = pipeline_lib.load_assets(config)
   model = model_lib.build_model(config, len(assets.tag_vocab))
   factory = train_state.StateFactory(config, model, mesh, len(assets.tag_vocab), steps=1,

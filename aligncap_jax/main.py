@@ -63,7 +63,7 @@ def _dispatch(config, workdir: str | None, mode: str) -> None:
     predict.predict(config, workdir, _IMAGE.value, boxes, _DETECTIONS.value)
   elif mode in ("prepare", "god"):
     from aligncap_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    pipeline.prepare(config)
+    pipeline.prepare(config, build_real=True)
   elif mode == "describe":
     from aligncap_jax import describe  # pylint: disable=g-import-not-at-top
     describe.describe(config)

@@ -193,6 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if global_bs % jax.process_count():
     raise ValueError(f"config field 'train.per_device_batch_size': global batch {global_bs} "
                      f"is not divisible by {jax.process_count()} processes")
+  eval_lib.prepare_data(config, pipeline_lib)
   assets = pipeline_lib.load_assets(config)
   num_tags = len(assets.tag_vocab)
   steps = ts.total_steps(config, getattr(assets, "num_train_regions", None), global_bs)

@@ -171,7 +171,10 @@ class StateFactory:
 
     self._init = _init_fn(config, model, num_tags, tx_fn, model_lib or _default_model_lib())
     rng = jax.random.PRNGKey(config.seed)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.logical_rules(config)):
+    # No mesh in context: flax would apply the parameter boxes' constraints while
+    # initialising, which DenseGeneral's flattened kernel init does not support.
+    # The out_shardings below place every array instead.
+    with nn.logical_axis_rules(shd.logical_rules(config)):
       boxed = jax.eval_shape(self._init, rng)
     self.boxed_params = boxed.params
     self.mask = nn.meta.unbox(trainable_mask(config, boxed.params))
@@ -184,7 +187,7 @@ class StateFactory:
   def create(self) -> TrainState:
     """The initial state, each array created directly on its shards."""
     init = lambda rng: nn.meta.unbox(self._init(rng))
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shd.logical_rules(self.config)):
+    with nn.logical_axis_rules(shd.logical_rules(self.config)):
       return jax.jit(init, out_shardings=self.state_shardings)(
           jax.random.PRNGKey(self.config.seed))
 
@@ -214,7 +217,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   either way (the batch was consumed). Dropout uses `fold_in(state.rng, step)`.
 
   Returns:
-    A jitted function; `state` is donated. `metrics` holds float32 scalars
+    A jitted function (call it, or `.lower(...)` it with abstract arguments);
+    `state` is donated. `metrics` holds float32 scalars
     `loss, loss_cap, loss_tag, loss_cond, loss_multi, grad_norm, lr` and the
     bool `ok`.
   """

@@ -238,8 +238,8 @@ def make_predict_batch(config, assets, image_path, boxes, *, detections=None):
   return batch, warnings
 
 
-def prepare(config):
-  del config
+def prepare(config, **kwargs):
+  del config, kwargs
 
 
 FakePipelineLib = types.SimpleNamespace(
