@@ -86,10 +86,13 @@ class Checkpointer:
     for name in self.incomplete:
       logging.warning("ignoring incomplete checkpoint %s (a save was interrupted)",
                       os.path.join(self.directory, name))
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only,
-        enable_async_checkpointing=async_save)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             save_interval_steps=0, max_to_keep=None)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+          enable_async_checkpointing=async_save)
     try:
       self._mngr = ocp.CheckpointManager(
           epath.Path(self.directory), options=options,

@@ -11,6 +11,7 @@ from aligncap_jax.models.decoder_lm import DecoderLMConfig
 from aligncap_jax.models.generate import generate
 from aligncap_jax.models.pairwise_scorer import PairwiseScorer
 from aligncap_jax.models.pairwise_scorer import make_score_fn
+from aligncap_jax.models.pretrained import load_pretrained
 from aligncap_jax.models.qformer import QFormer
 from aligncap_jax.models.qformer import QFormerConfig
 from aligncap_jax.models.t5 import T5
