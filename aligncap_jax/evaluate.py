@@ -114,19 +114,30 @@ def tag_table(assets: Any) -> dict[str, np.ndarray]:
           "eos_id": np.int32(assets.eos_id)}
 
 
-def make_encode_tags(model: nn.Module, model_lib: Any, mesh: jax.sharding.Mesh):
-  """Jitted `params -> float32[V, Dclip]` frozen CLIP text embeddings of the tags."""
+def make_encode_tags(config: ml_collections.ConfigDict, model: nn.Module, model_lib: Any,
+                     mesh: jax.sharding.Mesh):
+  """Jitted `params -> float32[V, Dclip]` frozen CLIP text embeddings of the tags.
+
+  Traced under `jax.set_mesh(mesh)` with the config's logical axis rules, so
+  the tower's activation constraints apply.
+  """
+  rules = shd.logical_rules(config)
 
   @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
   def encode(params, tokens, mask):
-    return model.apply({"params": params}, tokens, mask, method=model_lib.AlignCap.encode_tags)
+    with nn.logical_axis_rules(rules):
+      return model.apply({"params": params}, tokens, mask,
+                         method=model_lib.AlignCap.encode_tags)
 
-  return encode
+  return shd.MeshBound(encode, mesh)
 
 
 def make_generate(config: ml_collections.ConfigDict, model: nn.Module, model_lib: Any,
                   mesh: jax.sharding.Mesh):
-  """Jitted `(params, batch, tag_embeddings, tag_table) -> {tokens, scores, tag_probs}`."""
+  """Jitted `(params, batch, tag_embeddings, tag_table) -> {tokens, scores, tag_probs}`.
+
+  Traced under `jax.set_mesh(mesh)` with the config's logical axis rules.
+  """
   d = config.decode
   rules = shd.logical_rules(config)
 
@@ -139,7 +150,7 @@ def make_generate(config: ml_collections.ConfigDict, model: nn.Module, model_lib
                          length_penalty=d.length_penalty,
                          repetition_penalty=d.repetition_penalty)
 
-  return generate
+  return shd.MeshBound(generate, mesh)
 
 
 def put_global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict:
@@ -172,7 +183,7 @@ class Evaluator:
     self.model_lib, self.pipeline = default_libs(model_lib, pipeline_lib)
     self.batch_size = shd.global_batch_size(config, mesh, config.train.eval_batch_size)
     self._generate = make_generate(config, model, self.model_lib, mesh)
-    self._encode = make_encode_tags(model, self.model_lib, mesh)
+    self._encode = make_encode_tags(config, model, self.model_lib, mesh)
     self._table = tag_table(assets)
 
   def decode(self, params: Any, tag_embeddings: Any) -> list[dict[str, Any]]:

@@ -90,7 +90,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, image: str,
   pad = (-n) % dp
   if pad:
     batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in batch.items()}
-  encode = eval_lib.make_encode_tags(model, model_lib, mesh)
+  encode = eval_lib.make_encode_tags(config, model, model_lib, mesh)
   tag_emb = encode(params, assets.tag_clip_tokens, assets.tag_clip_mask)
   generate = eval_lib.make_generate(config, model, model_lib, mesh)
   out = jax.device_get(generate(params, eval_lib.put_global_batch(batch, mesh), tag_emb,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -159,3 +159,30 @@ def put_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str
   sharding = batch_sharding(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+class MeshBound:
+  """A jitted function traced, lowered and called under `jax.set_mesh(mesh)`.
+
+  Under the mesh, the models' `nn.with_logical_constraint`s and the parameter
+  boxes' constraints take effect (outside one flax silently skips them), and
+  code that asks `jax.sharding.get_abstract_mesh()` (the ring pairwise loss)
+  finds the `data`/`fsdp` axes. Calling, `.lower(...)` and `.trace(...)` behave
+  as the wrapped `jax.jit` object's; `.compile()` of the lowered result and its
+  calls need no mesh in context.
+  """
+
+  def __init__(self, jitted: Callable, mesh: jax.sharding.Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args, **kwargs)
+
+  def trace(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.trace(*args, **kwargs)

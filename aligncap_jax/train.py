@@ -216,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     start = 0
     if is_chief and os.path.exists(metrics_path):
       truncate_metrics(metrics_path, 0)
-  encode = eval_lib.make_encode_tags(model, model_lib, mesh)
+  encode = eval_lib.make_encode_tags(config, model, model_lib, mesh)
   tag_embeddings = encode(state.params, assets.tag_clip_tokens, assets.tag_clip_mask)
 
   train_step = ts.make_train_step(config, model, mesh, factory).lower(

@@ -4,8 +4,11 @@ The state is created already sharded: `jax.eval_shape` of the init gives the
 abstract (logically boxed) tree, `sharding.logical_shardings` turns the boxes
 into `NamedSharding`s, and `jax.jit(init, out_shardings=...)` materialises each
 shard where it lives. The step is jitted with the same shardings and donates
-the state. `abstract_train_state` and `make_train_step` also serve the
-ahead-of-time compiler, which never creates weights.
+the state. Init and step are traced under `jax.set_mesh(mesh)` with the
+config's logical axis rules, so the models' activation constraints apply and the
+ring pairwise loss finds its mesh axes. `abstract_train_state` and
+`make_train_step` also serve the ahead-of-time compiler, which never creates
+weights.
 """
 from __future__ import annotations
 
@@ -124,11 +127,15 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
   return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
 
 
-def _init_fn(config, model, num_tags, tx_fn, model_lib):
-  """A function rng -> boxed TrainState (for eval_shape and jit)."""
+def _init_fn(config, model, num_tags, tx_fn, model_lib, batch_size):
+  """A function rng -> boxed TrainState (for eval_shape and jit).
+
+  The dummy batch has one region per batch shard (`batch_size`): the ring
+  pairwise loss splits the batch over the data-parallel devices.
+  """
 
   def init(rng):
-    batch = jax.tree.map(jnp.asarray, model_lib.dummy_batch(config, 1, num_tags))
+    batch = jax.tree.map(jnp.asarray, model_lib.dummy_batch(config, batch_size, num_tags))
     tag_emb = jnp.zeros((num_tags, config.model.clip_text.hidden_size), jnp.float32)
     k_params, k_drop, k_state = jax.random.split(rng, 3)
     variables = model.init({"params": k_params, "dropout": k_drop}, batch, tag_emb, train=False)
@@ -169,12 +176,10 @@ class StateFactory:
       self.tx = make_optimizer(config, self.schedule, trainable_mask(config, params))
       return self.tx
 
-    self._init = _init_fn(config, model, num_tags, tx_fn, model_lib or _default_model_lib())
+    self._init = _init_fn(config, model, num_tags, tx_fn, model_lib or _default_model_lib(),
+                          shd.data_parallel_size(mesh))
     rng = jax.random.PRNGKey(config.seed)
-    # No mesh in context: flax would apply the parameter boxes' constraints while
-    # initialising, which DenseGeneral's flattened kernel init does not support.
-    # The out_shardings below place every array instead.
-    with nn.logical_axis_rules(shd.logical_rules(config)):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.logical_rules(config)):
       boxed = jax.eval_shape(self._init, rng)
     self.boxed_params = boxed.params
     self.mask = nn.meta.unbox(trainable_mask(config, boxed.params))
@@ -185,11 +190,37 @@ class StateFactory:
         self.abstract_state, self.state_shardings)
 
   def create(self) -> TrainState:
-    """The initial state, each array created directly on its shards."""
+    """The initial state, each array created directly on its shards.
+
+    Then the pretrained towers of `config.init.{blip2, llm, clip_text}` replace
+    their random init, or `config.init.hf` (an exported AlignCap folder) replaces
+    every parameter; each tensor is placed straight onto its shards. The
+    optimizer state starts at zero either way. Tag embeddings computed from
+    earlier params are stale afterwards: compute them from the returned state.
+
+    Raises:
+      ValueError: `init.hf` is set together with a tower folder.
+      CheckpointError: a folder, tensor or config field does not match the model.
+    """
+    towers = [k for k in ("blip2", "llm", "clip_text") if self.config.init[k] is not None]
+    if self.config.init.hf is not None and towers:
+      raise ValueError(f"config fields 'init.hf' and 'init.{towers[0]}' are both set: an "
+                       f"exported AlignCap folder already holds every parameter; unset one")
     init = lambda rng: nn.meta.unbox(self._init(rng))
-    with nn.logical_axis_rules(shd.logical_rules(self.config)):
-      return jax.jit(init, out_shardings=self.state_shardings)(
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shd.logical_rules(self.config)):
+      state = jax.jit(init, out_shardings=self.state_shardings)(
           jax.random.PRNGKey(self.config.seed))
+    if towers:
+      from aligncap_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+      state = state.replace(params=pretrained.load_pretrained(
+          self.config, state.params, shardings=self.state_shardings.params, donate=True))
+    elif self.config.init.hf is not None:
+      from aligncap_jax import hf_export  # pylint: disable=g-import-not-at-top
+      for leaf in jax.tree.leaves(state.params):
+        leaf.delete()
+      state = state.replace(params=hf_export.load_params(
+          self.config.init.hf, self.abstract_state.params, self.state_shardings.params))
+    return state
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
@@ -217,8 +248,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   either way (the batch was consumed). Dropout uses `fold_in(state.rng, step)`.
 
   Returns:
-    A jitted function (call it, or `.lower(...)` it with abstract arguments);
-    `state` is donated. `metrics` holds float32 scalars
+    A jitted function (call it, or `.lower(...)` it with abstract arguments)
+    that traces under `jax.set_mesh(mesh)` (`sharding.MeshBound`); `state` is
+    donated. `metrics` holds float32 scalars
     `loss, loss_cap, loss_tag, loss_cond, loss_multi, grad_norm, lr` and the
     bool `ok`.
   """
@@ -254,7 +286,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
       return step_fn(state, batch, tag_embeddings)
 
   batch_sh = shd.batch_sharding(mesh)
-  return jax.jit(wrapped,
-                 in_shardings=(factory.state_shardings, batch_sh, shd.replicated(mesh)),
-                 out_shardings=(factory.state_shardings, shd.replicated(mesh)),
-                 donate_argnums=(0,))
+  return shd.MeshBound(
+      jax.jit(wrapped, in_shardings=(factory.state_shardings, batch_sh, shd.replicated(mesh)),
+              out_shardings=(factory.state_shardings, shd.replicated(mesh)),
+              donate_argnums=(0,)), mesh)

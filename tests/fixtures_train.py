@@ -196,10 +196,11 @@ def make_train_iterator(config, assets, *, global_batch_size, process_index, pro
   del assets
   seed = config.seed if seed is None else seed
   local = global_batch_size // process_count
+  # Like the real pipeline: one global stream, each process reads its rows of
+  # every global batch.
   ds = grain.MapDataset.range(24).shuffle(seed=seed).repeat()
-  ds = ds[process_index::process_count]
   ds = ds.random_map(lambda i, rng: _example(config, int(i), rng), seed=seed + 1)
-  ds = ds.batch(local, drop_remainder=True)
+  ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
   delay = float(os.environ.get("FAKE_BATCH_DELAY_S", "0"))
   if delay:  # lets subprocess tests signal a run mid-way
     ds = ds.map(lambda b: (time.sleep(delay), b)[1])

@@ -389,10 +389,10 @@ def _read_options(config, batch_size: int) -> grain.ReadOptions:
 
 
 def _rows(config, ds: grain.MapDataset, batch_size: int) -> grain.IterDataset:
-  """Rows read by threads and, with `num_workers`, worker processes.
+  """Elements read by threads and, with `num_workers`, worker processes.
 
-  Batching happens after the workers (which take rows round-robin), so batches
-  and their order do not depend on `num_workers`.
+  Workers take elements round-robin, so the elements and their order do not
+  depend on `num_workers`.
   """
   it = ds.to_iter_dataset(_read_options(config, batch_size))
   if config.data.num_workers > 0:
@@ -445,8 +445,8 @@ def make_train_iterator(config, assets: Assets, *, global_batch_size: int, proce
     assets: from `load_assets`.
     global_batch_size: regions per step over all processes.
     process_index: this process's shard.
-    process_count: number of shards; the split's regions are cut into that many
-      equal contiguous shards (the remainder is left out).
+    process_count: number of processes; each reads its own rows of every
+      global batch (the same batches as one process reading them all).
     seed: shuffle and augmentation seed (default `config.data.shuffle_buffer_seed`).
 
   Returns:
@@ -462,17 +462,18 @@ def make_train_iterator(config, assets: Assets, *, global_batch_size: int, proce
   seed = config.data.shuffle_buffer_seed if seed is None else seed
   split = config.data.train_split
   index = region_index(config, split)
-  per = len(index) // process_count
-  if per == 0:
-    raise ValueError(f"split {split!r} has {len(index)} regions, fewer than {process_count} "
-                     "processes")
-  local = index[process_index * per:(process_index + 1) * per]
+  if len(index) < global_batch_size:
+    raise ValueError(f"split {split!r} has {len(index)} regions, fewer than the global batch "
+                     f"of {global_batch_size}")
   source = _source(config, split)
-  fn = _TrainRegion(source, local, process_index * per,
-                    _Featurizer.from_config(config, assets, split), seed)
-  ds = grain.MapDataset.range(per).seed(seed).shuffle().repeat(None).map_with_index(fn)
-  it = _rows(config, ds, global_batch_size // process_count)
-  return iter(it.batch(global_batch_size // process_count, drop_remainder=True))
+  fn = _TrainRegion(source, index, 0, _Featurizer.from_config(config, assets, split), seed)
+  # One global stream (same seed on every process): global batch k is stream
+  # rows [k*G, (k+1)*G); process p reads only its rows [k*G + p*b, k*G + (p+1)*b),
+  # so P processes x b rows see exactly the batches of 1 process x G rows.
+  per_process = global_batch_size // process_count
+  ds = grain.MapDataset.range(len(index)).seed(seed).shuffle().repeat(None).map_with_index(fn)
+  ds = ds.batch(per_process, drop_remainder=True)[process_index::process_count]
+  return iter(_rows(config, ds, 1))
 
 
 # ------------------------------------------------------------------ eval

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aligncap_jax.models.vit import DenseGeneral
+
 Dtype = Any
 
 
@@ -56,7 +58,7 @@ class Attention(nn.Module):
     head_dim = width // self.num_heads
 
     def proj(name):
-      return nn.DenseGeneral(
+      return DenseGeneral(
           (self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
           name=name,
           kernel_init=nn.with_logical_partitioning(
@@ -72,7 +74,7 @@ class Attention(nn.Module):
       logits = jnp.where(mask[..., None, None, :], logits, big_neg)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum("...hqk,...khd->...qhd", weights, v)
-    return nn.DenseGeneral(
+    return DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="out",
         kernel_init=nn.with_logical_partitioning(
             nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),

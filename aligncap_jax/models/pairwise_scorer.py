@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aligncap_jax.models.vit import DenseGeneral
 from aligncap_jax.ops import dot_product_attention
 
 Dtype = Any
@@ -59,7 +60,7 @@ class PairwiseScorer(nn.Module):
     ones = nn.initializers.ones_init()
 
     def proj(name, axes_in, feats, axes_out, axis=-1):
-      return nn.DenseGeneral(
+      return DenseGeneral(
           feats, axis=axis, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
           kernel_init=nn.with_logical_partitioning(init, axes_in + axes_out),
           bias_init=nn.with_logical_partitioning(zeros, axes_out))

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aligncap_jax.models.vit import DenseGeneral
+
 Array = jax.Array
 Cache = dict[str, Array]
 
@@ -187,7 +189,7 @@ class RMSNorm(nn.Module):
 def dense(features, axis, in_axes_names, out_axes_names, *, use_bias=False, dtype,
           param_dtype, name, std=0.02):
   """A DenseGeneral whose kernel carries logical axis names."""
-  return nn.DenseGeneral(
+  return DenseGeneral(
       features=features, axis=axis, use_bias=use_bias, dtype=dtype,
       param_dtype=param_dtype, name=name,
       kernel_init=nn.with_logical_partitioning(

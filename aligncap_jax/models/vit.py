@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -62,12 +63,77 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.La
       name=name)
 
 
+def _flat_then_reshape(init: Callable, num_in: int) -> Callable:
+  """`init` drawn at DenseGeneral's flattened (fan_in, fan_out) shape, reshaped to full rank.
+
+  Keeps flax's `nn.DenseGeneral` initial values (same key, same flat draw) while a
+  logical box receives the full-rank value, so its constraint is applied at the
+  kernel's true rank.
+  """
+
+  def wrapped(rng, shape, dtype=jnp.float32):
+    flat = (math.prod(shape[:num_in]), math.prod(shape[num_in:]))
+    value = init(rng, flat, dtype)
+    if isinstance(value, nn.meta.AxisMetadata):
+      return value.replace_boxed(jnp.reshape(value.value, shape))
+    return jnp.reshape(value, shape)
+
+  return wrapped
+
+
+class DenseGeneral(nn.Module):
+  """`nn.DenseGeneral` (no batch dims) whose logically boxed params work under a mesh.
+
+  flax's DenseGeneral initialises a flattened rank-2 kernel and unboxes it before
+  reshaping, so under `jax.set_mesh` the box's full-rank logical constraint hits
+  a rank-2 value ("only valid for values of rank at least 4"). Here the kernel
+  `float[*in_dims, *features]` and bias `float[*features]` are created at full
+  rank (same initial values as flax's) and contracted with `lax.dot_general`.
+
+  Attributes:
+    features: output feature dims (an int or a tuple).
+    axis: input axes contracted (an int or a tuple), in kernel order.
+    use_bias: add a bias `float[*features]`.
+    kernel_init: initializer called with the flattened (fan_in, fan_out) shape
+      (optionally wrapped by `nn.with_logical_partitioning` with full-rank names).
+    bias_init: initializer called with the flattened (prod(features),) shape.
+  """
+  features: int | tuple[int, ...]
+  axis: int | tuple[int, ...] = -1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float[..., *in_dims] -> float[..., *features] (in_dims at `axis`)."""
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    axis = tuple(a % x.ndim for a in axis)
+    in_dims = tuple(x.shape[a] for a in axis)
+    kernel = self.param("kernel", _flat_then_reshape(self.kernel_init, len(in_dims)),
+                        in_dims + features, self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", _flat_then_reshape(self.bias_init, 0), features,
+                        self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    contract = tuple(range(len(in_dims)))
+    y = jax.lax.dot_general(x, kernel, ((axis, contract), ((), ())), precision=self.precision)
+    if bias is not None:
+      y = y + jnp.reshape(bias, (1,) * (y.ndim - len(features)) + features)
+    return y
+
+
 def dense(features: int | tuple[int, ...], axes: tuple[str | None, ...], *,
           dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = True,
-          axis: int | tuple[int, ...] = -1) -> nn.DenseGeneral:
+          axis: int | tuple[int, ...] = -1) -> DenseGeneral:
   """DenseGeneral with logical axes: `axes` names the kernel dims (inputs then outputs)."""
   n_out = 1 if isinstance(features, int) else len(features)
-  return nn.DenseGeneral(
+  return DenseGeneral(
       features=features, axis=axis, use_bias=use_bias, dtype=dtype,
       param_dtype=param_dtype,
       kernel_init=nn.with_logical_partitioning(
