@@ -61,11 +61,11 @@ def get_config(arg: str | None = None):
 
   c.optim.learning_rate = 1e-3
   c.optim.weight_decay = 0.05
-  c.optim.warmup_steps = 200
+  c.optim.warmup_steps = 100
   c.train.per_device_batch_size = 32
-  c.train.total_steps = 3000
+  c.train.total_steps = 800
   c.train.log_every_steps = 50
-  c.train.checkpoint_every_steps = 1000
+  c.train.checkpoint_every_steps = 400
   c.train.eval_batch_size = 50
   c.decode.update(num_beams=2, max_new_tokens=16)
 
