@@ -103,8 +103,9 @@ def test_padding_regions_do_not_change_caption_and_tag_losses(base):
   assert not np.isclose(m1["loss_cap"], m2["loss_cap"])
 
 
-@pytest.mark.parametrize("similarity", ["cross_attention", "dot"])
-def test_chunked_and_ring_forms_equal_dense(similarity):
+def test_chunked_and_ring_forms_equal_dense_with_the_papers_scorer():
+  """Values and gradients of the whole model; the dot form is covered in test_pairwise_sigmoid."""
+  similarity = "cross_attention"
   c = tiny_config(similarity=similarity, pairwise_form="dense")
   batch = make_batch(c, b=8)
   model, params, te = init(c, batch)

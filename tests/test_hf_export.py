@@ -144,7 +144,8 @@ def _decode(config, params, assets, split="test"):
       length_penalty=d.length_penalty, repetition_penalty=d.repetition_penalty))
   captions = []
   for batch in pipeline.make_eval_iterator(config, assets, split,
-                                           batch_size=config.train.eval_batch_size):
+                                           batch_size=config.train.eval_batch_size,
+                                           max_examples=config.train.eval_max_examples):
     out = jax.device_get(gen(params, batch))
     for tokens, ok in zip(out["tokens"], batch["valid"]):
       if ok:
