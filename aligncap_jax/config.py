@@ -133,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
       total_steps=ml_collections.FieldReference(None, field_type=int),  # overrides epochs
       log_every_steps=50,
       checkpoint_every_steps=1000,
-      eval_every_steps=0,            # 0: only at the end
+      eval_every_steps=0,            # N > 0: every N steps and at the end; 0: only at the end; -1: never
       max_checkpoints_to_keep=3,
       eval_batch_size=64,            # per device
       eval_max_examples=0,           # 0: whole split

@@ -196,7 +196,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_lib.prepare_data(config, pipeline_lib)
   assets = pipeline_lib.load_assets(config)
   num_tags = len(assets.tag_vocab)
-  steps = ts.total_steps(config, getattr(assets, "num_train_regions", None), global_bs)
+  regions = (pipeline_lib.num_train_regions(config) if config.train.total_steps is None
+             else None)
+  steps = ts.total_steps(config, regions, global_bs)
   train_iter = pipeline_lib.make_train_iterator(
       config, assets, global_batch_size=global_bs, process_index=jax.process_index(),
       process_count=jax.process_count())

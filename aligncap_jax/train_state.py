@@ -4,9 +4,13 @@ The state is created already sharded: `jax.eval_shape` of the init gives the
 abstract (logically boxed) tree, `sharding.logical_shardings` turns the boxes
 into `NamedSharding`s, and `jax.jit(init, out_shardings=...)` materialises each
 shard where it lives. The step is jitted with the same shardings and donates
-the state. Init and step are traced under `jax.set_mesh(mesh)` with the
-config's logical axis rules, so the models' activation constraints apply and the
-ring pairwise loss finds its mesh axes. `abstract_train_state` and
+the state. Init and step are traced under `jax.set_mesh(mesh)`, so the ring
+pairwise loss finds its mesh axes; the step also under the config's logical
+axis rules, so the models' activation constraints apply. The init runs without
+rules: its outputs (the params) take their shardings from `out_shardings`, the
+forward pass it traces is dead code, and the model's init hands still-boxed
+scorer params into the ring loss's `shard_map`, where a constraint cannot apply.
+`abstract_train_state` and
 `make_train_step` also serve the ahead-of-time compiler, which never creates
 weights.
 """
@@ -179,7 +183,7 @@ class StateFactory:
     self._init = _init_fn(config, model, num_tags, tx_fn, model_lib or _default_model_lib(),
                           shd.data_parallel_size(mesh))
     rng = jax.random.PRNGKey(config.seed)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.logical_rules(config)):
+    with jax.set_mesh(mesh):
       boxed = jax.eval_shape(self._init, rng)
     self.boxed_params = boxed.params
     self.mask = nn.meta.unbox(trainable_mask(config, boxed.params))
@@ -207,7 +211,7 @@ class StateFactory:
       raise ValueError(f"config fields 'init.hf' and 'init.{towers[0]}' are both set: an "
                        f"exported AlignCap folder already holds every parameter; unset one")
     init = lambda rng: nn.meta.unbox(self._init(rng))
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(shd.logical_rules(self.config)):
+    with jax.set_mesh(self.mesh):
       state = jax.jit(init, out_shardings=self.state_shardings)(
           jax.random.PRNGKey(self.config.seed))
     if towers:

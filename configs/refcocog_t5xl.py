@@ -2,9 +2,9 @@
 
 Reproduces the reference recipe's second stage (DESIGN.md section 3): the
 vg_t5xl model fine-tuned for 3 epochs on RefCOCOg with the same frozen towers,
-trainable set and optimizer (AdamW lr 1e-4, weight decay 0.05, cosine, 64
-regions per device x 8), tags over sigmoid 0.7 at inference. Same sizes as
-configs/vg_t5xl.py, so its memory figures hold here too.
+trainable set and optimizer (AdamW lr 1e-4, weight decay 0.05, cosine; 32
+regions per device x 8, as 64 does not fit 16 GiB), tags over sigmoid 0.7 at
+inference. Same sizes as configs/vg_t5xl.py, so its memory figures hold here too.
 
 Run (start from the exported VG model, or from the public weights alone):
   python -m aligncap_jax.main --config configs/refcocog_t5xl.py --workdir workdirs/refcocog \

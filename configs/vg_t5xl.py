@@ -4,7 +4,8 @@ Reproduces the paper's reference recipe (DESIGN.md sections 3-4): frozen EVA ViT
 and Flan-T5-XL from BLIP-2 (`blip2-flan-t5-xl`), frozen CLIP ViT-L/14 text tower
 for tags and captions, trainable cross-view block, view fusion, Q-Former (query
 tokens frozen), language projection, tagging head, scorers and prompt vector;
-AdamW lr 1e-4, weight decay 0.05, cosine, 64 regions per device x 8 devices,
+AdamW lr 1e-4, weight decay 0.05, cosine, 64 regions per device x 8 devices
+(here 32 per device by default, see Memory below),
 5 epochs, tags over sigmoid 0.8 at inference. Architecture fields equal the
 public checkpoints' config.json; the importer checks them against the folders.
 
@@ -22,18 +23,37 @@ Check before renting hardware:
   python -m aligncap_jax.main --config configs/vg_t5xl.py --mode describe
 
 Variants (`configs/vg_t5xl.py:ARG`):
-  (none)   8 devices, fsdp over all of them, 64 regions per device (global 512).
+  (none)   8 devices, fsdp over all of them, 32 regions per device (global 256).
   v5e_8    a TPU v5e-8 (v5litepod-8): same mesh and batch.
   v5e_256  a v5e-256 pod slice: 64 regions per chip, global batch 16384, fsdp=16
-           inside data=16, ring pairwise loss (the N x N logits never on one chip).
+           inside data=16, ring pairwise loss (the N x N logits never on one chip);
+           its v5e:16x16 compile is not measured yet (see Memory).
   smoke    tiny sizes, synthetic data, 4 steps on CPU (what CI runs).
 
-Memory budget (`--mode aot`, per device, argument + output - alias + temporary):
-<= 16 GiB on 8 fake CPU devices (f32 upper bound), <= 15 GiB from the TPU compiler
-for :v5e_8 (v5e:2x4) and :v5e_256 (v5e:16x16). The levers this config sets: fsdp
-over every chip (the bf16 frozen towers split 8 or 16 ways), scan over layers with
-remat; the next ones, if a measurement exceeds the budget: remat policy, then the
-per-chip batch.
+Memory (`--mode aot`, per device: argument + output - alias + temporary; "fits" is
+<= 16 GiB on fake CPU devices, an f32 upper bound, and <= 15 GiB from the TPU
+compiler). Measured on a 2-core CPU machine, jax/libtpu 0.10.2, train step:
+
+  target       regions/device  argument   temporary  peak       compile s
+  cpu:8        64              1.58 GiB   23.44 GiB  25.02 GiB  33
+  cpu:8        32              1.57 GiB   12.48 GiB  14.05 GiB  51
+  v5e:2x4      64              1.65 GiB   13.70 GiB  15.36 GiB  760
+  v5e:2x4      32              1.64 GiB    7.29 GiB   8.93 GiB  869
+  v5e:16x16    64              not measured yet (the v5e:2x4 compile alone took
+                               13 minutes here); its fsdp=16 halves the 1.6 GiB
+                               of state per chip that v5e:2x4 holds
+
+The decode step (64 regions per device, beam 2) peaks at 9.92 GiB on cpu:8 and
+14.11 GiB on v5e:2x4 (so `per-device peak` is 14.11 GiB there). The trade: the
+reference's 64 regions per device does not fit a 16 GiB chip with this model
+(the tagging head's [regions, 4585 tags, 1024] FFN activations dominate the
+temporaries; rematerialising its layers saves only
+1.1 GiB on cpu:8, and bf16 activations for the trainable blocks 2.3 GiB), so the
+default runs 32 regions per device: half the reference global batch (256 instead
+of 512), so also half the N of the pairwise losses per step. Reach the
+reference's 512 with 16 devices, or with 64 per device on chips with more HBM
+(`--config.train.per_device_batch_size=64`). The levers already set: fsdp over
+every chip (the bf16 frozen towers split 8 or 16 ways), scan over layers with remat.
 """
 from aligncap_jax import config as base
 
@@ -82,7 +102,7 @@ def reference(name: str, tag_threshold: float):
 
   c.optim.update(learning_rate=1e-4, weight_decay=0.05, schedule="cosine",
                  warmup_steps=1000)
-  c.train.per_device_batch_size = 64
+  c.train.per_device_batch_size = 32   # 64 does not fit 16 GiB: see the docstring
   c.train.eval_batch_size = 64
   c.decode.update(num_beams=2, max_new_tokens=20, min_length=1, length_penalty=0.0,
                   repetition_penalty=1.5)

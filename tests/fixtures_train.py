@@ -26,6 +26,7 @@ from PIL import Image
 import tokenizers
 
 NUM_TAGS = 12
+NUM_TRAIN_REGIONS = 24
 WORDS = [f"w{i}" for i in range(40)]
 
 
@@ -198,7 +199,7 @@ def make_train_iterator(config, assets, *, global_batch_size, process_index, pro
   local = global_batch_size // process_count
   # Like the real pipeline: one global stream, each process reads its rows of
   # every global batch.
-  ds = grain.MapDataset.range(24).shuffle(seed=seed).repeat()
+  ds = grain.MapDataset.range(NUM_TRAIN_REGIONS).shuffle(seed=seed).repeat()
   ds = ds.random_map(lambda i, rng: _example(config, int(i), rng), seed=seed + 1)
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
   delay = float(os.environ.get("FAKE_BATCH_DELAY_S", "0"))
@@ -243,10 +244,15 @@ def prepare(config, **kwargs):
   del config, kwargs
 
 
+def num_train_regions(config):
+  del config
+  return NUM_TRAIN_REGIONS
+
+
 FakePipelineLib = types.SimpleNamespace(
     prepare=prepare, load_assets=load_assets, make_train_iterator=make_train_iterator,
     make_eval_iterator=make_eval_iterator, eval_targets=eval_targets,
-    make_predict_batch=make_predict_batch)
+    make_predict_batch=make_predict_batch, num_train_regions=num_train_regions)
 
 
 def install_fakes():

@@ -88,6 +88,7 @@ def test_unknown_topology_is_named():
     aot.target_devices("tpu-v5")
 
 
+@pytest.mark.slow
 def test_smoke_real_model_cpu8(capsys):
   config = _config("vg_t5xl", "smoke")
   out = aot.run(config, "cpu:8")
@@ -96,6 +97,7 @@ def test_smoke_real_model_cpu8(capsys):
   assert 0 < out["train"]["memory"]["peak"] < 2**30
 
 
+@pytest.mark.slow
 @pytest.mark.tpu
 @needs_libtpu
 def test_v5e_ring_collectives_and_no_full_logits_gather(capsys):

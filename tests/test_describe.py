@@ -25,8 +25,6 @@ def _config(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
-
-
 def test_vg_t5xl_matches_the_public_checkpoints(capsys):
   config = _config("vg_t5xl")
   out = describe.describe(config, num_devices=8)

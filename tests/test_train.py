@@ -48,6 +48,31 @@ def test_total_steps_from_steps_or_epochs():
     ts.total_steps(c, None, 16)
 
 
+def test_num_train_regions_reads_the_region_index(tmp_path):
+  from aligncap_jax.data import god_tfds  # pylint: disable=g-import-not-at-top
+  from aligncap_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.data.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match="region index not found"):
+    pipeline.num_train_regions(c)
+  path = god_tfds.regions_index_path(c.data.name, c.data.train_split, str(tmp_path))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.save(path, np.zeros((37, 2), np.int64))
+  assert pipeline.num_train_regions(c) == 37
+
+
+def test_total_epochs_sets_the_step_count_when_total_steps_is_unset(tmp_path):
+  c = tiny.get_config()
+  c.train.eval_every_steps = -1
+  c.train.total_steps = None
+  c.train.total_epochs = 1.5   # 24 regions x 1.5 / (2 x 8 devices) -> 3 steps
+  result = train.train_and_evaluate(c, str(tmp_path), **LIBS)
+  assert result["step"] == math.ceil(1.5 * ft.NUM_TRAIN_REGIONS / 16) == 3
+  assert result["eval"] is None
+  lines = [json.loads(x) for x in open(tmp_path / "train_metrics.jsonl")]
+  assert [x["step"] for x in lines] == [1, 2, 3]
+
+
 def test_schedule_is_warmup_then_cosine():
   c = tiny.get_config()
   c.optim.warmup_steps, c.optim.learning_rate = 4, 0.1
@@ -118,6 +143,49 @@ def test_state_is_created_sharded():
   arr = state.params["clip_text"]["embedding"]
   assert arr.sharding == emb.sharding
   assert arr.addressable_shards[0].data.shape == (512, 16)
+
+
+def _factory(config, mesh):
+  return ts.StateFactory(config, ft.FakeAlignCap(config, ft.NUM_TAGS), mesh, ft.NUM_TAGS, 4,
+                         model_lib=ft.FakeModelLib)
+
+
+def test_init_hf_replaces_every_param_on_its_shards(tmp_path):
+  from aligncap_jax import hf_export  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.mesh.data, c.mesh.fsdp = 4, 2
+  mesh = shd.make_mesh(c)
+  fresh = jax.device_get(_factory(c, mesh).create().params)
+  exported = jax.tree.map(lambda x: x + 1.5, fresh)
+  hf_export.save_params(exported, str(tmp_path / "hf"))
+  c.init.hf = str(tmp_path / "hf")
+  factory = _factory(c, mesh)
+  state = factory.create()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), exported)
+  jax.tree.map(lambda a, s: a.sharding == s or pytest.fail(f"{a.sharding} != {s}"),
+               state.params, factory.state_shardings.params)
+  assert int(state.step) == 0
+  c.init.clip_text = str(tmp_path / "clip")
+  with pytest.raises(ValueError, match="'init.hf' and 'init.clip_text' are both set"):
+    _factory(c, mesh).create()
+
+
+def test_init_towers_go_through_load_pretrained(monkeypatch):
+  from aligncap_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.init.clip_text = "/some/clip"
+  mesh = shd.make_mesh(c, jax.devices()[:1])
+  factory = _factory(c, mesh)
+  calls = []
+
+  def fake_load(config, params, *, shardings, donate):
+    calls.append((config.init.clip_text, shardings, donate))
+    return jax.tree.map(lambda x: x * 0 + 7, params)
+
+  monkeypatch.setattr(pretrained, "load_pretrained", fake_load)
+  state = factory.create()
+  assert calls == [("/some/clip", factory.state_shardings.params, True)]
+  assert all(np.all(np.asarray(x) == 7) for x in jax.tree.leaves(state.params))
 
 
 def _nan_at(steps):

@@ -416,6 +416,11 @@ def region_index(config, split: str) -> np.ndarray:
   return index
 
 
+def num_train_regions(config) -> int:
+  """Number of regions in `config.data.train_split` (one epoch of training rows)."""
+  return len(region_index(config, config.data.train_split))
+
+
 class _TrainRegion:
   """map_with_index fn: stream position -> training row of one region."""
 
