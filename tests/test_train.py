@@ -48,16 +48,16 @@ def test_total_steps_from_steps_or_epochs():
     ts.total_steps(c, None, 16)
 
 
-def test_num_train_regions_reads_the_region_index(tmp_path):
-  from aligncap_jax.data import god_tfds  # pylint: disable=g-import-not-at-top
+def test_num_train_regions_reads_the_region_index(tmp_path, monkeypatch):
   from aligncap_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
   c.data.data_dir = str(tmp_path)
-  with pytest.raises(FileNotFoundError, match="region index not found"):
+  with pytest.raises(FileNotFoundError, match="not prepared"):
     pipeline.num_train_regions(c)
-  path = god_tfds.regions_index_path(c.data.name, c.data.train_split, str(tmp_path))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  path = str(tmp_path / "regions_train.npy")
   np.save(path, np.zeros((37, 2), np.int64))
+  monkeypatch.setattr(pipeline.god_tfds, "regions_index_path",
+                      lambda name, split, data_dir: path if split == "train" else "")
   assert pipeline.num_train_regions(c) == 37
 
 
@@ -157,6 +157,7 @@ def test_init_hf_replaces_every_param_on_its_shards(tmp_path):
   mesh = shd.make_mesh(c)
   fresh = jax.device_get(_factory(c, mesh).create().params)
   exported = jax.tree.map(lambda x: x + 1.5, fresh)
+  os.makedirs(tmp_path / "hf")
   hf_export.save_params(exported, str(tmp_path / "hf"))
   c.init.hf = str(tmp_path / "hf")
   factory = _factory(c, mesh)
