@@ -171,7 +171,7 @@ class AlignCap(nn.Module):
     else:
       if self.is_initializing():
         scorer(rows, row_mask, cols)  # creates the scorer's parameters
-      score_params = {"params": scorer.variables["params"]}
+      score_params = {"params": nn.meta.unbox(scorer.variables["params"])}
       pure = scorer.clone(parent=None)
       x = pure.apply(score_params, rows, row_mask,
                      method=scorer_lib.PairwiseScorer.project_regions)
