@@ -162,7 +162,14 @@ def compile_steps(config: ml_collections.ConfigDict, topology: str = "cpu:8",
       t0 = time.perf_counter()
       lowered = fn.lower(*args)
       t1 = time.perf_counter()
-      compiled = lowered.compile()
+      try:
+        compiled = lowered.compile()
+      except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"the {name} step does not fit {topology} at {b} regions per step "
+                         f"({first}); lower train.per_device_batch_size or enable remat") from e
       t2 = time.perf_counter()
       out[name] = {"compiled": compiled, "lower_s": t1 - t0, "compile_s": t2 - t1,
                    "memory": memory_stats(compiled), "batch": b}
