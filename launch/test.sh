@@ -19,12 +19,22 @@ if [[ ! -f $stamp || setup.py -nt $stamp || requirements.lock -nt $stamp ]]; the
   touch "$stamp"
 fi
 export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
+# The real-model trainer tests compile the whole tiny model under several meshes;
+# after the rest of the suite the interpreter has aborted inside XLA there, so they
+# run in a fresh process of their own.
+isolated=tests/test_train_real_model.py
 set +e
-.venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest tests -q -p no:cacheprovider --ignore="$isolated" "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
   echo "[test.sh] ERROR: pytest collected no tests; this is a broken run." >&2
   exit 1
 fi
-exit $rc
+set +e
+.venv/bin/python -m pytest "$isolated" -q -p no:cacheprovider "$@"
+rc2=$?
+set -e
+if [[ $rc -ne 0 ]]; then exit $rc; fi
+if [[ $rc2 -eq 5 ]]; then exit 0; fi
+exit $rc2
