@@ -27,7 +27,7 @@ setuptools.setup(
         # The TPU compiler, for `--mode aot --aot_topology v5e:2x4` without a TPU.
         "tpu": ["jax[tpu]==0.10.2"],
         # TFDS's Beam path for dataset builds past one machine (own venv: pins older protobuf).
-        "beam": ["apache-beam"],
+        "beam": ["apache-beam==2.77.0"],
         "hub": ["huggingface-hub"],
     },
 )

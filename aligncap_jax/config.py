@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
       shuffle_buffer_seed=0,
       strict=False,                # dataset build: fail on a corrupt image instead of skip+count
       god_num_processes=1,
+      god_beam_options="",         # non-empty: run GOD through Apache Beam with these flags
       # synthetic dataset generator sizes
       synthetic=_cd(num_train_images=2000, num_validation_images=100,
                     num_test_images=100, image_size=128, seed=0),

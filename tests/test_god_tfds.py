@@ -1,6 +1,7 @@
 """The GOD TFDS job on a tiny synthetic base: every field against god/tags directly."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -159,3 +160,48 @@ def test_two_processes_give_identical_records(tmp_path):
       for ra, rb in zip(a[i]["regions"], b[i]["regions"]):
         for key in ("views", "view_distance", "tag_ids", "bbox"):
           np.testing.assert_array_equal(ra[key], rb[key])
+
+
+_HAS_BEAM = importlib.util.find_spec("apache_beam") is not None
+_BEAM_HOW = ("apache_beam is not installed in this venv; the Beam path runs in its own: "
+             "python -m venv .venv-beam && .venv-beam/bin/pip install -e '.[beam,test]', then "
+             ".venv-beam/bin/python -m pytest tests/test_god_tfds.py -k beam (launch/test.sh does)")
+
+
+def test_beam_venv_has_beam():
+  """launch/test.sh sets ALIGNCAP_REQUIRE_BEAM=1 in .venv-beam: a broken install fails there."""
+  if os.environ.get("ALIGNCAP_REQUIRE_BEAM") == "1":
+    assert _HAS_BEAM, "ALIGNCAP_REQUIRE_BEAM=1 but apache_beam cannot be imported"
+
+
+@pytest.mark.skipif(not _HAS_BEAM, reason=_BEAM_HOW)
+def test_beam_path_gives_the_records_of_the_in_process_path(tmp_path):
+  one, two = tmp_path / "inproc", tmp_path / "beam"
+  for d in (one, two):
+    _build_base(d)
+  kw = dict(top_k=2, score_threshold=0.3, tag_vocab_size=6)
+  god_tfds.build(BASE, data_dir=str(one), **kw)
+  god_tfds.build(BASE, data_dir=str(two), **kw,
+                 beam_options="--runner=DirectRunner --direct_num_workers=1")
+  _check_against_direct(str(two), top_k=2, threshold=0.3, objects_of=_own_objects)
+  for name in ("tag_vocab.txt",):
+    assert (open(os.path.join(god_tfds.god_dir(BASE, str(one)), name)).read()
+            == open(os.path.join(god_tfds.god_dir(BASE, str(two)), name)).read())
+  for split in ("train", "validation", "test"):
+    a = god_tfds.load_source(BASE, split, str(one))
+    b = god_tfds.load_source(BASE, split, str(two))
+    np.testing.assert_array_equal(a.regions, b.regions)
+    assert len(a) == len(b)
+    for i in range(len(a)):
+      ra, rb = a[i], b[i]
+      assert ra["image_id"] == rb["image_id"]
+      for xa, xb in zip(ra["regions"], rb["regions"]):
+        for key in ("views", "view_distance", "tag_ids", "bbox"):
+          np.testing.assert_array_equal(xa[key], xb[key])
+
+
+@pytest.mark.skipif(_HAS_BEAM, reason="checks the error raised when apache_beam is missing")
+def test_beam_options_without_beam_is_a_clear_error(base_dir):
+  with pytest.raises(RuntimeError, match=r"god_beam_options is set but apache_beam is not installed"):
+    god_tfds.build(BASE, data_dir=base_dir, top_k=1, score_threshold=0.0, tag_vocab_size=6,
+                   beam_options="--runner=DirectRunner")

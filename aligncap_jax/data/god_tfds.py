@@ -15,27 +15,28 @@ VG/RefCOCOg: annotations, score 1.0), or `detections_file`, a JSON object
 `{"categories": [{"id", "name"}], "detections": [{"image_id", "category_id",
 "bbox": [x, y, w, h], "score"}]}` (COCO results format + its category list).
 
-Past one machine (not built in; how TFDS's Beam support would run it): TFDS
-hands generation to Apache Beam when a builder's `_generate_examples` returns a
-`beam.PTransform` instead of a Python generator. A Beam variant of `GodBuilder`
-returns, per split, `beam.Create(range(n)) | beam.Map(lambda i: (i,
-annotate_record(source[i], objects_i, params, TagMatcher(vocab))))` (the base
-data source opened once per worker; `disable_shuffling` keeps key order), and is
-built with the extra installed in its own virtualenv (beam pins older
-protobuf/pyarrow): `python -m venv beam && beam/bin/pip install .[beam]`, then
+Past one machine: `beam_options` (config `data.god_beam_options`, a string
+of Beam pipeline flags) runs the same per-image work through TFDS's Apache Beam
+support (`aligncap_jax/data/builders/god/god_beam.py`), with the same output
+records; `regions_<split>.npy` is then written from the built shards. Beam is an
+optional extra with its own virtualenv (it pins protobuf < 7 and a newer
+pillow): `python -m venv .venv-beam && .venv-beam/bin/pip install -e .[beam]`.
+One big machine:
 
-    opts = apache_beam.options.pipeline_options.PipelineOptions(
-        ["--runner=DataflowRunner", "--project=P", "--region=R",
-         "--temp_location=gs://B/tmp", "--requirements_file=requirements.lock"])
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        beam_options=opts))
+    --config.data.god_beam_options="--runner=DirectRunner --direct_num_workers=16
+        --direct_running_mode=multi_processing"
 
-with `data_dir="gs://B/tfds"` (or `--runner=DirectRunner
---direct_num_workers=16 --direct_running_mode=multi_processing` on one big
-machine). The default path here never imports apache_beam.
+Dataflow (the base dataset and `data_dir` on GCS, readable by the workers; the
+workers install this package from `--setup_file`):
+
+    --config.data.data_dir=gs://B/tfds --config.data.god_beam_options="--runner=DataflowRunner
+        --project=P --region=R --temp_location=gs://B/tmp --setup_file=./setup.py"
+
+The default path never imports apache_beam.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -59,8 +60,12 @@ def _identity(params: god_builder.GodParams, base_name: str, data_dir: str | Non
 
 def build(base_name: str, *, data_dir: str | None, top_k: int, score_threshold: float,
           tag_vocab_size: int, tag_list_file: str | None = None,
-          detections_file: str | None = None, num_processes: int = 1) -> str:
+          detections_file: str | None = None, num_processes: int = 1,
+          beam_options: str = "") -> str:
   """Builds `<base_name>_god` from the prepared `base_name` in `data_dir`.
+
+  `beam_options`: non-empty runs the job through Apache Beam with these
+  pipeline flags (e.g. "--runner=DirectRunner"); `num_processes` is then unused.
 
   An existing GOD dataset built from the same settings and base is reused; one
   built from other settings is rebuilt.
@@ -74,8 +79,13 @@ def build(base_name: str, *, data_dir: str | None, top_k: int, score_threshold: 
   for path, field in ((tag_list_file, "tag_list_file"), (detections_file, "detections_file")):
     if path is not None and not os.path.isfile(path):
       raise FileNotFoundError(f"GOD {field}: {path} does not exist")
+  use_beam = bool(beam_options and beam_options.strip())
+  if use_beam and importlib.util.find_spec("apache_beam") is None:
+    raise RuntimeError("config data.god_beam_options is set but apache_beam is not installed: "
+                       "python -m venv .venv-beam && .venv-beam/bin/pip install -e '.[beam]' "
+                       "(its own virtualenv: beam pins protobuf < 7)")
   builder = god_builder.god_builder_class(base_name)(
-      params=params, data_dir=data_dir, file_format="array_record")
+      params=params, data_dir=data_dir, file_format="array_record", use_beam=use_beam)
   identity = _identity(params, base_name, data_dir)
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   params_path = os.path.join(builder.data_dir, god_builder.PARAMS_FILE)
@@ -85,7 +95,15 @@ def build(base_name: str, *, data_dir: str | None, top_k: int, score_threshold: 
         return builder.data_dir
     logging.info("%s exists with other settings: rebuilding", builder.data_dir)
     mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+  download_config = tfds.download.DownloadConfig(download_mode=mode)
+  if use_beam:
+    from aligncap_jax.data.builders.god import god_beam  # pylint: disable=g-import-not-at-top
+    download_config = tfds.download.DownloadConfig(
+        download_mode=mode, beam_options=god_beam.pipeline_options(beam_options))
+  builder.download_and_prepare(download_config=download_config)
+  if use_beam:
+    for split in builder.info.splits:
+      god_builder.write_regions_index(builder, split)
   with open(params_path, "w") as f:
     json.dump(identity, f, indent=1)
   return builder.data_dir

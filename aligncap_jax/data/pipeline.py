@@ -118,7 +118,8 @@ def prepare(config, *, build_missing_synthetic: bool = True, build_real: bool = 
                  tag_vocab_size=config.data.tag_vocab_size,
                  tag_list_file=config.data.tag_list_file,
                  detections_file=config.data.detections_file,
-                 num_processes=config.data.god_num_processes)
+                 num_processes=config.data.god_num_processes,
+                 beam_options=config.data.god_beam_options)
 
 
 def _prepare_synthetic(config, *, build: bool) -> None:

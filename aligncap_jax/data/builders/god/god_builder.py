@@ -261,8 +261,9 @@ class GodBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {"1.0.0": "Views, pHash distances and tag ids per region."}
   BASE_NAME: str = ""
 
-  def __init__(self, *, params: GodParams | None = None, **kwargs):
-    self._params = params
+  def __init__(self, *, params: GodParams | None = None, use_beam: bool = False, **kwargs):
+    """`use_beam`: generate through Apache Beam (`god_beam`; needs the beam extra)."""
+    self._params, self._use_beam = params, use_beam
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -286,6 +287,12 @@ class GodBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     tags.save_vocab(vocab, os.path.join(self.data_dir, VOCAB_FILE))
     detections = (read_detections(self._params.detections_file)
                   if self._params.detections_file else None)
+    if self._use_beam:
+      from aligncap_jax.data.builders.god import god_beam  # pylint: disable=g-import-not-at-top
+      return {split: god_beam.annotate_transform(
+                  self.BASE_NAME, os.fspath(self.data_dir_root), split,
+                  int(base.info.splits[split].num_examples), self._params, vocab, detections)
+              for split in sorted(base.info.splits)}
     return {split: self._generate_examples(base, split, vocab, detections)
             for split in sorted(base.info.splits)}
 
@@ -332,6 +339,19 @@ class GodBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     np.save(os.path.join(self.data_dir, regions_index_file(split)),
             np.array(index, np.int64).reshape(-1, 2))
     logging.info("%s/%s: %s", self.name, split, stats)
+
+
+def write_regions_index(builder: tfds.core.DatasetBuilder, split: str) -> str:
+  """Writes `regions_<split>.npy` from a built split's records (the Beam path's index).
+
+  Returns:
+    The file written.
+  """
+  source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+  index = [(i, r) for i in range(len(source)) for r in range(len(source[i]["regions"]["id"]))]
+  path = os.path.join(builder.data_dir, regions_index_file(split))
+  np.save(path, np.array(index, np.int64).reshape(-1, 2))
+  return path
 
 
 class SyntheticRegionsGod(GodBuilder):
