@@ -147,3 +147,53 @@ def image_record(*, data: bytes, image_id: int, width: int, height: int,
           "score": np.array([o["score"] for o in objects], np.float32),
       },
   }
+
+
+class ManualRegionsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the builders that read a user's own downloads from `manual_dir`.
+
+  Subclasses set `MANUAL_DOWNLOAD_INSTRUCTIONS`, `REQUIRED` (the manual files,
+  folders ending in '/') and `HOMEPAGE`; the class docstring is the dataset
+  description. `strict=True` makes an unreadable image an error instead of a
+  skip that the build log counts and names.
+  """
+
+  REQUIRED: tuple[str, ...] = ()
+  HOMEPAGE = ""
+
+  def __init__(self, *, strict: bool = False, **kwargs):
+    self._strict = strict
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=region_features(), homepage=self.HOMEPAGE)
+
+  def _manual_dir(self, dl_manager) -> str:
+    """The manual folder, after checking that every `REQUIRED` entry is there."""
+    manual = os.fspath(dl_manager.manual_dir)
+    check_manual_files(self.name, manual, self.REQUIRED, self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    return manual
+
+  def _read_image(self, log: BuildLog, image_id: int, path: str) -> tuple[bytes, int, int] | None:
+    """`read_image`, or None after logging the skip (raises with `strict`)."""
+    try:
+      return read_image(path)
+    except OSError as e:
+      if self._strict:
+        raise
+      log.skip_image(image_id, path, str(e))
+      return None
+
+  @staticmethod
+  def _finish_image(log: BuildLog, image_id: int, image: tuple[bytes, int, int],
+                    kept: list[dict], objs: list[dict]) -> tuple[int, dict]:
+    """Counts an image's kept regions and objects; returns its (key, record)."""
+    if not kept:
+      log.add("images_without_regions")
+    log.add("images")
+    log.add("regions", len(kept))
+    log.add("objects", len(objs))
+    data, width, height = image
+    return image_id, image_record(data=data, image_id=image_id, width=width, height=height,
+                                  regions=kept, objects=objs)

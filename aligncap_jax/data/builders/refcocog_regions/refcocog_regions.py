@@ -23,7 +23,7 @@ def image_file(image_id: int) -> str:
   return f"train2014/COCO_train2014_{image_id:012d}.jpg"
 
 
-class RefcocogRegions(tfds.core.GeneratorBasedBuilder):
+class RefcocogRegions(regions_lib.ManualRegionsBuilder):
   """RefCOCOg umd: one record per image and split; each sentence is a region.
 
   A region is (referred object's box, one of its sentences); its id is the
@@ -37,18 +37,11 @@ class RefcocogRegions(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "RefCOCOg umd splits (train/val/test)."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
-  def __init__(self, *, strict: bool = False, **kwargs):
-    self._strict = strict
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, description=self.__doc__, features=regions_lib.region_features(),
-        homepage="https://github.com/lichengunc/refer")
+  REQUIRED = tuple(REQUIRED)
+  HOMEPAGE = "https://github.com/lichengunc/refer"
 
   def _split_generators(self, dl_manager):
-    manual = os.fspath(dl_manager.manual_dir)
-    regions_lib.check_manual_files(self.name, manual, REQUIRED, INSTRUCTIONS)
+    manual = self._manual_dir(dl_manager)
     refs_path = os.path.join(manual, REFS_FILE)
     try:
       with open(refs_path, "rb") as f:
@@ -76,13 +69,10 @@ class RefcocogRegions(tfds.core.GeneratorBasedBuilder):
     for image_id in sorted(refs_by_image):
       log.add("images_listed")
       path = os.path.join(manual, image_file(image_id))
-      try:
-        data, width, height = regions_lib.read_image(path)
-      except OSError as e:
-        if self._strict:
-          raise
-        log.skip_image(image_id, path, str(e))
+      image = self._read_image(log, image_id, path)
+      if image is None:
         continue
+      width, height = image[1:]
       kept = []
       for ref in refs_by_image[image_id]:
         ann = anns.get(int(ref["ann_id"]))
@@ -106,11 +96,5 @@ class RefcocogRegions(tfds.core.GeneratorBasedBuilder):
           log.add("objects_dropped_zero_area")
         else:
           objs.append({"label": categories[int(ann["category_id"])], "bbox": box, "score": 1.0})
-      if not kept:
-        log.add("images_without_regions")
-      log.add("images")
-      log.add("regions", len(kept))
-      log.add("objects", len(objs))
-      yield image_id, regions_lib.image_record(data=data, image_id=image_id, width=width,
-                                               height=height, regions=kept, objects=objs)
+      yield self._finish_image(log, image_id, image, kept, objs)
     log.write(self.data_dir)

@@ -29,7 +29,7 @@ def _image_id(entry: dict, path: str, index: int) -> int:
   raise ValueError(f"{path}: entry {index} has no 'image_id' (or 'id')")
 
 
-class VisualGenomeRegions(tfds.core.GeneratorBasedBuilder):
+class VisualGenomeRegions(regions_lib.ManualRegionsBuilder):
   """VG v1.2: one record per image with its region descriptions and objects.
 
   Boxes are converted from x, y, w, h to pixel x1, y1, x2, y2 and clipped to the
@@ -43,18 +43,11 @@ class VisualGenomeRegions(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.2.0": "Visual Genome v1.2 regions with DenseCap splits."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
-  def __init__(self, *, strict: bool = False, **kwargs):
-    self._strict = strict
-    super().__init__(**kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, description=self.__doc__, features=regions_lib.region_features(),
-        homepage="https://homes.cs.washington.edu/~ranjay/visualgenome/")
+  REQUIRED = tuple(REQUIRED)
+  HOMEPAGE = "https://homes.cs.washington.edu/~ranjay/visualgenome/"
 
   def _split_generators(self, dl_manager):
-    manual = os.fspath(dl_manager.manual_dir)
-    regions_lib.check_manual_files(self.name, manual, REQUIRED, INSTRUCTIONS)
+    manual = self._manual_dir(dl_manager)
     path = lambda f: os.path.join(manual, f)
     sizes = {}
     for i, e in enumerate(regions_lib.read_json(path("image_data.json"))):
@@ -89,13 +82,10 @@ class VisualGenomeRegions(tfds.core.GeneratorBasedBuilder):
           raise FileNotFoundError(f"{self.name}: image {image_id} not found ({where} in {manual})")
         log.skip_image(image_id, where, "missing file")
         continue
-      try:
-        data, width, height = regions_lib.read_image(path)
-      except OSError as e:
-        if self._strict:
-          raise
-        log.skip_image(image_id, path, str(e))
+      image = self._read_image(log, image_id, path)
+      if image is None:
         continue
+      width, height = image[1:]
       if image_id in sizes and sizes[image_id] != (width, height):
         log.add("image_size_differs_from_image_data")
       kept = []
@@ -118,11 +108,5 @@ class VisualGenomeRegions(tfds.core.GeneratorBasedBuilder):
           log.add("objects_dropped_zero_area")
         else:
           objs.append({"label": str(names[0]).strip(), "bbox": box, "score": 1.0})
-      if not kept:
-        log.add("images_without_regions")
-      log.add("images")
-      log.add("regions", len(kept))
-      log.add("objects", len(objs))
-      yield image_id, regions_lib.image_record(data=data, image_id=image_id, width=width,
-                                               height=height, regions=kept, objects=objs)
+      yield self._finish_image(log, image_id, image, kept, objs)
     log.write(self.data_dir)
