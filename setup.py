@@ -23,7 +23,7 @@ setuptools.setup(
     install_requires=_pinned(),
     extras_require={
         # Parity tests against the PyTorch reference (CPU wheel; never torchvision).
-        "test": ["pytest==9.2.0", "torch==2.13.0"],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0"],
         # The TPU compiler, for `--mode aot --aot_topology v5e:2x4` without a TPU.
         "tpu": ["jax[tpu]==0.10.2"],
         # TFDS's Beam path for dataset builds past one machine (own venv: pins older protobuf).

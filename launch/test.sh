@@ -23,8 +23,16 @@ export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
 # after the rest of the suite the interpreter has aborted inside XLA there, so they
 # run in a fresh process of their own.
 isolated=tests/test_train_real_model.py
+# Most tests are bound by single-threaded XLA compiles: one pytest-xdist worker per
+# core, whole files per worker (module fixtures compile once). ALIGNCAP_TEST_WORKERS=0
+# runs in this process.
+workers=${ALIGNCAP_TEST_WORKERS:-$(nproc 2>/dev/null || echo 2)}
+xdist=()
+if [[ $workers -gt 4 ]]; then workers=4; fi   # memory: each worker compiles its own models
+if [[ $workers -gt 1 ]]; then xdist=(-n "$workers" --dist loadfile); fi
 set +e
-.venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=15 --ignore="$isolated" "$@"
+.venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=15 "${xdist[@]}" \
+  --ignore="$isolated" "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
