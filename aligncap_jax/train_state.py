@@ -204,7 +204,7 @@ class StateFactory:
 
     Raises:
       ValueError: `init.hf` is set together with a tower folder.
-      CheckpointError: a folder, tensor or config field does not match the model.
+      WeightsError: a folder, tensor or config field does not match the model.
     """
     towers = [k for k in ("blip2", "llm", "clip_text") if self.config.init[k] is not None]
     if self.config.init.hf is not None and towers:

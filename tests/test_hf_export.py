@@ -78,10 +78,10 @@ def test_load_checks_names_and_shapes_against_the_model(tmp_path):
   assert isinstance(out["prompt_vector"], jax.Array)
   _assert_same_tree(jax.tree.map(np.asarray, out), params)
   wrong = dict(abstract, prompt_vector=jax.ShapeDtypeStruct((9,), jnp.float32))
-  with pytest.raises(common.CheckpointError, match="'prompt_vector'.*\\(8,\\).*\\(9,\\)"):
+  with pytest.raises(common.WeightsError, match="'prompt_vector'.*\\(8,\\).*\\(9,\\)"):
     safetensors_io.load_params(str(tmp_path), wrong)
   extra = dict(abstract, cond_b=jax.ShapeDtypeStruct((), jnp.float32))
-  with pytest.raises(common.CheckpointError, match="cond_b"):
+  with pytest.raises(common.WeightsError, match="cond_b"):
     safetensors_io.load_params(str(tmp_path), extra)
 
 

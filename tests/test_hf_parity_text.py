@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from aligncap_jax.models import hf_import
 from aligncap_jax.models.decoder_lm import DecoderLM
-from aligncap_jax.models.hf_import.common import CheckpointError
+from aligncap_jax.models.hf_import.common import WeightsError
 from aligncap_jax.models.t5 import T5
 from aligncap_jax.tools import hf_parity
 
@@ -172,20 +172,20 @@ def test_missing_unexpected_and_misshaped_tensors(folders, tmp_path):
   src = folders["qwen2_untied"][1]
   name = "model.layers.1.self_attn.k_proj.bias"
   missing = _rewrite(src, tmp_path / "missing", lambda t: t.pop(name))
-  with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+  with pytest.raises(WeightsError, match=name.replace(".", r"\.")):
     hf_import.load("llama", missing)
   extra = _rewrite(src, tmp_path / "extra",
                    lambda t: t.update({"model.layers.0.mystery.weight": np.zeros(3, np.float32)}))
-  with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mystery\.weight"):
+  with pytest.raises(WeightsError, match=r"model\.layers\.0\.mystery\.weight"):
     hf_import.load("llama", extra)
   bad = "model.layers.0.mlp.up_proj.weight"
   misshaped = _rewrite(src, tmp_path / "misshaped",
                        lambda t: t.update({bad: np.zeros((40, 32), np.float32)}))
-  with pytest.raises(CheckpointError, match=bad.replace(".", r"\.")):
+  with pytest.raises(WeightsError, match=bad.replace(".", r"\.")):
     hf_import.load("llama", misshaped)
   t5_missing = _rewrite(folders["flan_t5"][1], tmp_path / "t5_missing",
                         lambda t: t.pop("decoder.block.1.layer.1.EncDecAttention.v.weight"))
-  with pytest.raises(CheckpointError, match=r"decoder\.block\.1\.layer\.1\.EncDecAttention"):
+  with pytest.raises(WeightsError, match=r"decoder\.block\.1\.layer\.1\.EncDecAttention"):
     hf_import.load("t5", t5_missing)
 
 

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from aligncap_jax.models.clip_text import CLIPTextEncoder
 from aligncap_jax.models.hf_import import vision as hf_vision
-from aligncap_jax.models.hf_import.common import CheckpointError
+from aligncap_jax.models.hf_import.common import WeightsError
 from aligncap_jax.models.qformer import QFormer
 from aligncap_jax.models.vit import VisionTransformer
 
@@ -114,7 +114,7 @@ def _edited_copy(src, dst, edit):
 def test_missing_tensor_is_named(folders, tmp_path):
   name = "encoder.layers.1.mlp.fc2.bias"
   d = _edited_copy(folders["clip_vision"], tmp_path / "f", lambda t: t.pop(name))
-  with pytest.raises(CheckpointError, match=f"'{name}' is missing"):
+  with pytest.raises(WeightsError, match=f"'{name}' is missing"):
     hf_vision.load_clip_vision(d)
 
 
@@ -123,7 +123,7 @@ def test_unexpected_tensor_is_named(folders, tmp_path):
     t["qformer.encoder.layer.0.extra.weight"] = np.zeros((2,), np.float32)
     t["language_model.whatever"] = np.zeros((2,), np.float32)  # not ours: ignored
   d = _edited_copy(folders["blip2"], tmp_path / "f", add)
-  with pytest.raises(CheckpointError, match=r"unexpected tensors.*qformer\.encoder\.layer\.0"
+  with pytest.raises(WeightsError, match=r"unexpected tensors.*qformer\.encoder\.layer\.0"
                                             r"\.extra\.weight'\]"):
     hf_vision.load_blip2_qformer(d)
   hf_vision.load_blip2_vision(d)
@@ -133,17 +133,17 @@ def test_shape_mismatch_is_named(folders, tmp_path):
   name = "text_model.encoder.layers.0.self_attn.k_proj.weight"
   d = _edited_copy(folders["clip"], tmp_path / "f",
                    lambda t: t.__setitem__(name, t[name][:, :16].copy()))
-  with pytest.raises(CheckpointError, match=f"shape mismatch for tensor '{name}'.*"
+  with pytest.raises(WeightsError, match=f"shape mismatch for tensor '{name}'.*"
                                             r"\(32, 16\) vs expected \(32, 32\)"):
     hf_vision.load_clip_text(d)
 
 
 def test_config_differences_are_named(folders):
   cfg, _ = hf_vision.load_blip2_vision(folders["blip2"])
-  with pytest.raises(CheckpointError, match="num_hidden_layers: config 3 vs checkpoint 2"):
+  with pytest.raises(WeightsError, match="num_hidden_layers: config 3 vs checkpoint 2"):
     hf_vision.load_blip2_vision(folders["blip2"], config=dataclasses.replace(cfg, num_layers=3))
   qcfg, _ = hf_vision.load_blip2_qformer(folders["blip2"])
-  with pytest.raises(CheckpointError, match="num_query_tokens: config 8 vs checkpoint 4"):
+  with pytest.raises(WeightsError, match="num_query_tokens: config 8 vs checkpoint 4"):
     hf_vision.load_blip2_qformer(folders["blip2"],
                                  config=dataclasses.replace(qcfg, num_query_tokens=8))
 

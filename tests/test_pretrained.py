@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from aligncap_jax import sharding as shd
 from aligncap_jax.models import aligncap
-from aligncap_jax.models.hf_import.common import CheckpointError
+from aligncap_jax.models.hf_import.common import WeightsError
 from aligncap_jax.models.pretrained import load_pretrained
 
 torch = pytest.importorskip("torch")
@@ -250,7 +250,7 @@ def test_config_fields_that_differ_are_all_named(folders):
   config.model.vision.hidden_size = 64
   config.model.llm.d_ff = 128
   config.model.clip_text.eos_token_id = 2
-  with pytest.raises(CheckpointError) as e:
+  with pytest.raises(WeightsError) as e:
     load_pretrained(config, {})
   msg = str(e.value)
   for field in ("model.vision.hidden_size: config 64 vs checkpoint 32",
@@ -264,13 +264,13 @@ def test_missing_folder_config_and_tensor(folders):
   config = _config(folders, False)
   missing = str(folders["root"] / "nowhere")
   config.init.clip_text = missing
-  with pytest.raises(CheckpointError, match=f"config.init.clip_text: '{missing}' is not"):
+  with pytest.raises(WeightsError, match=f"config.init.clip_text: '{missing}' is not"):
     load_pretrained(config, {})
 
   no_config = folders["root"] / "no_config"
   no_config.mkdir()
   config.init.clip_text = str(no_config)
-  with pytest.raises(CheckpointError, match="no config.json"):
+  with pytest.raises(WeightsError, match="no config.json"):
     load_pretrained(config, {})
 
   broken = folders["root"] / "blip2_broken"
@@ -284,11 +284,11 @@ def test_missing_folder_config_and_tensor(folders):
   config.init.clip_text = None
   _, init = _init(config)
   abstract = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
-  with pytest.raises(CheckpointError, match="'language_projection.weight' is missing"):
+  with pytest.raises(WeightsError, match="'language_projection.weight' is missing"):
     load_pretrained(config, abstract)
   tensors["language_projection.weight"] = np.zeros((32, 32), np.float32)
   save_file(tensors, os.path.join(broken, "model.safetensors"))
-  with pytest.raises(CheckpointError,
+  with pytest.raises(WeightsError,
                      match=r"'language_model\.decoder\.block\.0\.layer\.2\.DenseReluDense"):
     load_pretrained(config, abstract)
 
@@ -318,9 +318,9 @@ def test_dense_act_fn_is_checked_against_the_saved_value(folders):
     json.dump(hf, f)
   config = _config(folders, False)
   config.init.update(blip2=str(folder), clip_text=None)
-  with pytest.raises(CheckpointError,
+  with pytest.raises(WeightsError,
                      match="model.llm.dense_act_fn: config 'gelu_new' vs checkpoint 'gelu'"):
     load_pretrained(config, {})
   config.model.llm.dense_act_fn = "gelu"
-  with pytest.raises(CheckpointError, match="params has no subtree"):
+  with pytest.raises(WeightsError, match="params has no subtree"):
     load_pretrained(config, {})   # the folder matched; only the params are missing

@@ -98,7 +98,7 @@ def load_params(directory: str, abstract_params: Any | None = None,
     or `abstract_params` is).
 
   Raises:
-    CheckpointError: naming the missing / unexpected tensor or the shape mismatch.
+    WeightsError: naming the missing / unexpected tensor or the shape mismatch.
   """
   folder = common.SafetensorsFolder(directory)
   if abstract_params is None:

@@ -12,7 +12,7 @@ parameter tree with Hugging Face checkpoint tensors:
 
 A field that is None leaves its towers as they are (their init). Before any
 tensor is read, every folder's config.json is compared with `config.model.*`
-and a single `CheckpointError` names every field that differs (by its config
+and a single `WeightsError` names every field that differs (by its config
 name, e.g. `model.vision.hidden_size`). Tensors are read one at a time from the
 memory-mapped safetensors, cast to the dtype of the parameter they replace and
 placed on its sharding, so host memory never holds two copies of a tower.
@@ -35,7 +35,7 @@ from aligncap_jax.models.decoder_lm import DecoderLMConfig
 from aligncap_jax.models.hf_import import llama as llama_import
 from aligncap_jax.models.hf_import import t5 as t5_import
 from aligncap_jax.models.hf_import import vision as vision_import
-from aligncap_jax.models.hf_import.common import (CheckpointError, SafetensorsFolder,
+from aligncap_jax.models.hf_import.common import (WeightsError, SafetensorsFolder,
                                                   assemble, read_config)
 from aligncap_jax.models.qformer import QFormerConfig
 from aligncap_jax.models.t5 import T5Config
@@ -105,9 +105,9 @@ def _field_diffs(section: str, ours: Any, theirs: Any, config_section: Any,
 def _folder_config(field: str, path: str) -> dict:
   """The config.json of the folder in `config.init.FIELD`, with errors naming both."""
   if not os.path.isdir(path):
-    raise CheckpointError(f"config.init.{field}: '{path}' is not a folder")
+    raise WeightsError(f"config.init.{field}: '{path}' is not a folder")
   if not os.path.exists(os.path.join(path, "config.json")):
-    raise CheckpointError(f"config.init.{field}: no config.json in '{path}' "
+    raise WeightsError(f"config.init.{field}: no config.json in '{path}' "
                           f"(missing '{os.path.join(path, 'config.json')}')")
   return read_config(path)
 
@@ -135,7 +135,7 @@ def _llm_from_folder(family: str, hf: dict, folder: Any, where: str) -> Any:
   model_type = hf.get("model_type")
   known = {"t5": ("t5",), "llama": ("llama", "qwen2")}[family]
   if model_type is not None and model_type not in known:
-    raise CheckpointError(f"model.llm.family: config {family!r} vs checkpoint model_type "
+    raise WeightsError(f"model.llm.family: config {family!r} vs checkpoint model_type "
                           f"{model_type!r} in '{where}'")
   if family == "t5":
     return _t5_from_folder(hf, folder)
@@ -173,7 +173,7 @@ def _load_projection(folder: SafetensorsFolder, abstract: PyTree, shardings: PyT
 def _single_dtype(tower: str, tree: PyTree) -> Any:
   dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(tree)}
   if len(dtypes) != 1:
-    raise CheckpointError(f"params['{tower}'] mixes dtypes {sorted(map(str, dtypes))}; "
+    raise WeightsError(f"params['{tower}'] mixes dtypes {sorted(map(str, dtypes))}; "
                           "the importer casts a tower to one dtype")
   return dtypes.pop()
 
@@ -190,14 +190,14 @@ def _check_same_layout(tower: str, loaded: PyTree, model: PyTree) -> None:
   got = {"/".join(k): v for k, v in traverse_util.flatten_dict(loaded).items()}
   want = {"/".join(k): v for k, v in traverse_util.flatten_dict(model).items()}
   if set(got) != set(want):
-    raise CheckpointError(
+    raise WeightsError(
         f"params['{tower}']: the importer built {sorted(set(got) - set(want))[:5]} and "
         f"missed {sorted(set(want) - set(got))[:5]} of the model's parameters")
   bad = [f"{p}: {tuple(got[p].shape)} {got[p].dtype} vs model {tuple(want[p].shape)} "
          f"{want[p].dtype}" for p in sorted(want)
          if tuple(got[p].shape) != tuple(want[p].shape) or got[p].dtype != want[p].dtype]
   if bad:
-    raise CheckpointError(f"params['{tower}'] loaded with the wrong layout: {bad[:5]}")
+    raise WeightsError(f"params['{tower}'] loaded with the wrong layout: {bad[:5]}")
 
 
 @dataclasses.dataclass
@@ -212,7 +212,7 @@ def _plan(config, params: PyTree) -> tuple[list[_Job], list[str]]:
   """Checks every configured folder against `config.model` and returns the jobs.
 
   Raises:
-    CheckpointError: naming every differing field, or a missing folder/config.json.
+    WeightsError: naming every differing field, or a missing folder/config.json.
   """
   m, init = config.model, config.init
   jobs: list[_Job] = []
@@ -259,11 +259,11 @@ def _plan(config, params: PyTree) -> tuple[list[_Job], list[str]]:
         clip_path, shardings=s, dtype=_single_dtype("clip_text", a), config=clip_ours)[1]))
 
   if diffs:
-    raise CheckpointError("the pretrained checkpoints differ from the config: "
+    raise WeightsError("the pretrained checkpoints differ from the config: "
                           + "; ".join(diffs))
   missing = [j.tower for j in jobs if j.tower not in params]
   if missing:
-    raise CheckpointError(f"params has no subtree {missing} to load into "
+    raise WeightsError(f"params has no subtree {missing} to load into "
                           f"(top-level keys: {sorted(params)})")
   untouched = [t for t in ("vision", "qformer", "language_projection", "llm", "clip_text")
                if t not in {j.tower for j in jobs}]
@@ -294,7 +294,7 @@ def load_pretrained(config, params: PyTree, *, shardings: PyTree = None,
     placed on its sharding; the other entries are `params`' own.
 
   Raises:
-    CheckpointError: a configured folder or its config.json is missing, a
+    WeightsError: a configured folder or its config.json is missing, a
       config field differs from a folder's config.json (all of them are named),
       or a tensor is missing, unexpected or of the wrong shape (named).
   """
@@ -321,4 +321,4 @@ def load_pretrained(config, params: PyTree, *, shardings: PyTree = None,
   return out
 
 
-__all__ = ["load_pretrained", "CheckpointError"]
+__all__ = ["load_pretrained", "WeightsError"]

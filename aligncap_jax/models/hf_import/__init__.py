@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from aligncap_jax.models.hf_import.common import CheckpointError, SafetensorsFolder
+from aligncap_jax.models.hf_import.common import WeightsError, SafetensorsFolder
 
 _TEXT_FAMILIES = {"t5": "aligncap_jax.models.hf_import.t5",
                   "llama": "aligncap_jax.models.hf_import.llama"}
@@ -87,7 +87,7 @@ class StackingFolder:
       real = name.format(layer=i)
       arr = self.folder.get(real)
       if parts and arr.shape != parts[0].shape:
-        raise CheckpointError(f"tensor '{real}' has shape {arr.shape}, layer 0 has "
+        raise WeightsError(f"tensor '{real}' has shape {arr.shape}, layer 0 has "
                               f"{parts[0].shape}")
       parts.append(arr)
       self._consumed.add(real)
@@ -141,4 +141,4 @@ def is_stacked(abstract: Any, key: str) -> bool:
   return abstract is not None and key in abstract
 
 
-__all__ = ["load", "families", "StackingFolder", "CheckpointError"]
+__all__ = ["load", "families", "StackingFolder", "WeightsError"]

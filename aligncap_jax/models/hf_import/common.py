@@ -20,8 +20,12 @@ from safetensors import safe_open
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
-class CheckpointError(ValueError):
-  """A checkpoint folder does not match what the importer expects."""
+class WeightsError(ValueError):
+  """A weights folder (Hugging Face layout) does not match what the model expects.
+
+  An input problem (exit code 2 from main), unlike `aligncap_jax.checkpoint.
+  CheckpointError`, which is about the trainer's own orbax checkpoints.
+  """
 
 
 def read_config(hf_dir: str) -> dict:
@@ -61,7 +65,7 @@ class SafetensorsFolder:
 
   def get(self, name: str) -> np.ndarray:
     if name not in self._file_of:
-      raise CheckpointError(f"tensor '{name}' is missing from '{self.hf_dir}'")
+      raise WeightsError(f"tensor '{name}' is missing from '{self.hf_dir}'")
     path = self._file_of[name]
     if path not in self._handles:
       self._handles[path] = safe_open(path, framework="numpy")
@@ -110,12 +114,12 @@ def assemble(
              if shardings is not None else {})
   missing_flax = sorted(set(flat_abs) - set(mapping))
   if missing_flax:
-    raise CheckpointError(
+    raise WeightsError(
         f"importer has no source for Flax parameters {missing_flax[:10]}"
         f"{' ...' if len(missing_flax) > 10 else ''}")
   extra_flax = sorted(set(mapping) - set(flat_abs))
   if extra_flax:
-    raise CheckpointError(f"importer maps unknown Flax parameters {extra_flax[:10]}")
+    raise WeightsError(f"importer maps unknown Flax parameters {extra_flax[:10]}")
   used = set()
   out = {}
   for path, (name, fn) in mapping.items():
@@ -123,7 +127,7 @@ def assemble(
     used.add(name)
     want = flat_abs[path]
     if tuple(arr.shape) != tuple(want.shape):
-      raise CheckpointError(
+      raise WeightsError(
           f"shape mismatch for tensor '{name}' -> '{path}': checkpoint "
           f"{tuple(arr.shape)} vs model {tuple(want.shape)}")
     arr = arr.astype(dtype or want.dtype)
@@ -135,7 +139,7 @@ def assemble(
   unexpected = sorted(k for k in folder.keys() if k.startswith(prefix)
                       and k not in used and not any(p.search(k) for p in pats))
   if unexpected:
-    raise CheckpointError(
+    raise WeightsError(
         f"unexpected tensors in '{folder.hf_dir}': {unexpected[:10]}"
         f"{' ...' if len(unexpected) > 10 else ''}")
   return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
@@ -147,5 +151,5 @@ def check_config_fields(family: str, hf_config: Mapping[str, Any],
   diffs = [f"{k}: config {v!r} vs checkpoint {hf_config.get(k)!r}"
            for k, v in expected.items() if k in hf_config and hf_config[k] != v]
   if diffs:
-    raise CheckpointError(f"{family} checkpoint '{hf_dir}' differs from the config: "
+    raise WeightsError(f"{family} checkpoint '{hf_dir}' differs from the config: "
                           + "; ".join(diffs))

@@ -18,7 +18,7 @@ without it, the config comes from the folder, unscanned. Every tensor is read
 on its own from the memory-mapped safetensors, converted, checked against its
 expected Hugging Face shape and placed on its sharding, so host memory never
 holds two copies of the model. A missing or unexpected tensor, or a shape
-mismatch, is a `CheckpointError` naming the tensor.
+mismatch, is a `WeightsError` naming the tensor.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from aligncap_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
-from aligncap_jax.models.hf_import.common import (CheckpointError, SafetensorsFolder,
+from aligncap_jax.models.hf_import.common import (WeightsError, SafetensorsFolder,
                                                   check_config_fields, read_config)
 from aligncap_jax.models.qformer import QFormer, QFormerConfig
 from aligncap_jax.models.vit import VisionConfig, VisionTransformer
@@ -125,14 +125,14 @@ def assemble_sources(folder: SafetensorsFolder, mapping: Mapping[str, Any],
   """Builds the param tree from `mapping` ('/'-joined path -> Source or a list of
   Sources stacked on a new leading axis), one leaf at a time.
 
-  Raises CheckpointError naming the tensor for a missing tensor, a shape that
+  Raises WeightsError naming the tensor for a missing tensor, a shape that
   differs from the expected Hugging Face shape, or a tensor under one of
   `prefixes` that nothing reads (unless it matches an `ignore_unused` regex).
   """
   flat_abs = _flat(abstract_params)
   flat_sh = _flat(shardings) if shardings is not None else {}
   if set(flat_abs) != set(mapping):
-    raise CheckpointError(
+    raise WeightsError(
         f"importer/model mismatch: no source for {sorted(set(flat_abs) - set(mapping))}, "
         f"unknown targets {sorted(set(mapping) - set(flat_abs))}")
   used: set[str] = set()
@@ -142,7 +142,7 @@ def assemble_sources(folder: SafetensorsFolder, mapping: Mapping[str, Any],
     for name, shape in zip(src.names, src.shapes):
       a = folder.get(name)
       if tuple(a.shape) != shape:
-        raise CheckpointError(
+        raise WeightsError(
             f"shape mismatch for tensor '{name}' -> '{path}' in '{folder.hf_dir}': "
             f"checkpoint {tuple(a.shape)} vs expected {shape}")
       used.add(name)
@@ -160,7 +160,7 @@ def assemble_sources(folder: SafetensorsFolder, mapping: Mapping[str, Any],
     else:
       arr = np.asarray(read(src, path), out_dtype)
     if arr.shape != tuple(want.shape):
-      raise CheckpointError(f"importer built {arr.shape} for '{path}', model wants "
+      raise WeightsError(f"importer built {arr.shape} for '{path}', model wants "
                             f"{tuple(want.shape)}")
     leaves[path] = (jax.device_put(arr, flat_sh[path]) if path in flat_sh
                     else jnp.asarray(arr))
@@ -168,7 +168,7 @@ def assemble_sources(folder: SafetensorsFolder, mapping: Mapping[str, Any],
   unexpected = sorted(k for k in folder.keys() if k.startswith(prefixes)
                       and k not in used and not any(p.search(k) for p in pats))
   if unexpected:
-    raise CheckpointError(f"unexpected tensors in '{folder.hf_dir}': {unexpected[:10]}"
+    raise WeightsError(f"unexpected tensors in '{folder.hf_dir}': {unexpected[:10]}"
                           f"{' ...' if len(unexpected) > 10 else ''}")
   return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in leaves.items()})
 
