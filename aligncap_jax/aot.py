@@ -140,8 +140,10 @@ def compile_steps(config: ml_collections.ConfigDict, topology: str = "cpu:8",
                                  sharding=rep)
   out: dict[str, dict] = {"target": {"device_kind": devices[0].device_kind,
                                      "count": len(devices), "mesh": dict(mesh.shape)}}
-  factory = train_state.StateFactory(config, model, mesh, num_tags,
-                                     steps=int(config.train.total_steps or 1))
+  # The schedule's length does not change the step's shapes; past the warmup so
+  # that optax builds a real cosine (total_steps is 0 for epoch-based configs).
+  schedule_steps = max(int(config.train.total_steps or 0), int(config.optim.warmup_steps) + 1)
+  factory = train_state.StateFactory(config, model, mesh, num_tags, steps=schedule_steps)
   state = factory.abstract_state
   jobs = {}
   if "train" in steps:

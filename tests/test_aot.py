@@ -115,3 +115,30 @@ def test_v5e_ring_collectives_and_no_full_logits_gather(capsys):
   full = [l for l in gathers if re.search(r"\[24,24(,|\])", l.split("all-gather")[0])]
   assert not full, full
   assert 0 < res["train"]["memory"]["peak"] < 15 * 2**30
+
+
+@pytest.mark.slow
+@pytest.mark.tpu
+@needs_libtpu
+def test_per_chip_memory_does_not_grow_from_8_to_256_chips():
+  """Same per-chip batch on v5e:2x4 and v5e:16x16 (the v5e_256 mesh, ring form):
+  every batch-sized intermediate is split 256 ways, so per-chip bytes stay flat.
+
+  Regression: beam search once reordered its KV cache with a flat `take` over
+  all rows, which the partitioner served by all-gathering the global cache (16x
+  the temporaries at 256 chips; 132.69 GiB per chip for vg_t5xl:v5e_256).
+  """
+  temps = {}
+  for topo, fsdp in (("v5e:2x4", 8), ("v5e:16x16", 16)):
+    config = _config("vg_t5xl", "smoke")
+    config.model.pairwise_form = "ring"
+    config.mesh.update(data=-1, fsdp=fsdp, tensor=1)
+    config.train.per_device_batch_size = 8
+    config.train.eval_batch_size = 8
+    config.data.tag_vocab_size = 512
+    config_lib.validate(config)
+    res = aot.compile_steps(config, topo)
+    assert res["target"]["count"] == {"v5e:2x4": 8, "v5e:16x16": 256}[topo]
+    temps[topo] = {s: res[s]["memory"]["temporary"] for s in ("train", "decode")}
+  for step in ("train", "decode"):
+    assert temps["v5e:16x16"][step] <= 1.1 * temps["v5e:2x4"][step], (step, temps)

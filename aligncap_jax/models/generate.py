@@ -108,8 +108,9 @@ def _seen_mask(seq: Array, cur_len: Array, start: Array, vocab: int) -> Array:
   """bool[N, V]: ids in seq int[N, L] at positions start[N] <= p < cur_len."""
   pos = jnp.arange(seq.shape[1])[None, :]
   valid = (pos < cur_len) & (pos >= start[:, None])
-  rows = jnp.broadcast_to(jnp.arange(seq.shape[0])[:, None], seq.shape)
-  return jnp.zeros((seq.shape[0], vocab), bool).at[rows, seq].max(valid)
+  # vmap: a scatter with the row as a batch dimension, which the SPMD partitioner
+  # keeps on each row's device (explicit row indices would make it gather all rows).
+  return jax.vmap(lambda ids, ok: jnp.zeros((vocab,), bool).at[ids].max(ok))(seq, valid)
 
 
 def _process(scores: Array, seq: Array, cur_len: Array, ignore: Array, *,
@@ -130,11 +131,22 @@ def _process(scores: Array, seq: Array, cur_len: Array, ignore: Array, *,
   return scores
 
 
-def _reorder(state: dict, flat_index: Array) -> dict:
-  """Gathers the self-attention cache rows of the surviving beams."""
+def _reorder(state: dict, src: Array) -> dict:
+  """Gathers the self-attention cache rows of the surviving beams.
+
+  The cache's `k`/`v` are [layers, bsz * nb, ...] with row b * nb + j = beam j of
+  item b; `src` int[bsz, nb] is the beam of the same item each new beam
+  continues. The gather is vmapped over items, so each stays on its device
+  (a flat `take` over all rows would make the partitioner all-gather the cache
+  of the whole global batch on every device).
+  """
+  bsz, nb = src.shape
   cache = dict(state["cache"])
   for name in ("k", "v"):
-    cache[name] = jnp.take(cache[name], flat_index, axis=1)
+    x = cache[name]
+    x = x.reshape(x.shape[0], bsz, nb, *x.shape[2:])
+    x = jax.vmap(lambda xb, sb: xb[:, sb], in_axes=(1, 0), out_axes=1)(x, src)
+    cache[name] = x.reshape(x.shape[0], bsz * nb, *x.shape[3:])
   return {**state, "cache": cache}
 
 
@@ -222,11 +234,10 @@ def _beam(stepper: _Stepper, bsz: int, nb: int, max_new_tokens: int, start_id, i
     worst = jnp.where(finished, jnp.min(beam_scores, axis=1, keepdims=True), _NEG)
     unsat = unsat & jnp.any(best_running[:, None] > worst, axis=-1)
     done = ~(jnp.any(unsat) & ~jnp.all(hits))
-    flat = (jnp.arange(bsz)[:, None] * nb + run_src).reshape(-1)
     new_tok = run_seq[:, :, cur_len - 1].reshape(-1)
 
     def advance():
-      return stepper.step(_reorder(state, flat), new_tok, cur_len)
+      return stepper.step(_reorder(state, run_src), new_tok, cur_len)
 
     logits, state = jax.lax.cond(done, lambda: (logits, state), advance)
     return (cur_len, run_seq, run_scores, seqs, beam_scores, finished, unsat, done,
