@@ -99,7 +99,9 @@ def _step(similarity: str, form: str, num_devices: int):
 def _run(similarity: str, form: str, num_devices: int, steps: int):
   """Losses of `steps` steps from the shared initial state, and the final params."""
   compiled, factory, mesh, c = _step(similarity, form, num_devices)
-  state = jax.device_put(_initial_state(similarity), factory.state_shardings)
+  # A copy (may_alias=False): the step donates `state`, and a zero-copy CPU buffer
+  # would let XLA reuse or free the memory of the cached numpy state.
+  state = jax.device_put(_initial_state(similarity), factory.state_shardings, may_alias=False)
   emb = jax.device_put(_tag_embeddings(c), shd.replicated(mesh))
   losses = []
   for batch in _batches(c, steps):

@@ -132,9 +132,11 @@ def assemble(
           f"{tuple(arr.shape)} vs model {tuple(want.shape)}")
     arr = arr.astype(dtype or want.dtype)
     if path in flat_sh:
-      out[path] = jax.device_put(arr, flat_sh[path])
+      # may_alias=False: the train step donates its state, and on CPU a zero-copy
+      # buffer would hand XLA memory that numpy owns.
+      out[path] = jax.device_put(arr, flat_sh[path], may_alias=False)
     else:
-      out[path] = jax.numpy.asarray(arr)
+      out[path] = jax.numpy.array(arr)  # a copy, as above
   pats = [re.compile(p) for p in ignore_unused]
   unexpected = sorted(k for k in folder.keys() if k.startswith(prefix)
                       and k not in used and not any(p.search(k) for p in pats))

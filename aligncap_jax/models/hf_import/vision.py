@@ -162,8 +162,8 @@ def assemble_sources(folder: SafetensorsFolder, mapping: Mapping[str, Any],
     if arr.shape != tuple(want.shape):
       raise WeightsError(f"importer built {arr.shape} for '{path}', model wants "
                             f"{tuple(want.shape)}")
-    leaves[path] = (jax.device_put(arr, flat_sh[path]) if path in flat_sh
-                    else jnp.asarray(arr))
+    leaves[path] = (jax.device_put(arr, flat_sh[path], may_alias=False) if path in flat_sh
+                    else jnp.array(arr))
   pats = [re.compile(p) for p in ignore_unused]
   unexpected = sorted(k for k in folder.keys() if k.startswith(prefixes)
                       and k not in used and not any(p.search(k) for p in pats))
