@@ -27,7 +27,12 @@ Variants (`configs/vg_t5xl.py:ARG`):
   v5e_8    a TPU v5e-8 (v5litepod-8): same mesh and batch.
   v5e_256  a v5e-256 pod slice: 64 regions per chip, global batch 16384, fsdp=16
            inside data=16, ring pairwise loss (the N x N logits never on one chip);
-           its v5e:16x16 compile is not measured yet (see Memory).
+           11.94 GiB per chip from the TPU compiler (see Memory). Check, then launch:
+             python -m aligncap_jax.main --config configs/vg_t5xl.py:v5e_256 \
+                 --mode aot --aot_topology v5e:16x16 --workdir /tmp/aot
+             bash launch/tpu_vm.sh --name NAME --zone ZONE --create \
+                 --accelerator v5litepod-256 --workdir gs://BUCKET/runs/vg \
+                 --config configs/vg_t5xl.py:v5e_256
   smoke    tiny sizes, synthetic data, 4 steps on CPU (what CI runs).
 
 Memory (`--mode aot`, per device: argument + output - alias + temporary; "fits" is
@@ -39,12 +44,13 @@ compiler). Measured on a 2-core CPU machine, jax/libtpu 0.10.2, train step:
   cpu:8        32              1.57 GiB   12.48 GiB  14.05 GiB  51
   v5e:2x4      64              1.65 GiB   13.70 GiB  15.36 GiB  760
   v5e:2x4      32              1.64 GiB    7.29 GiB   8.93 GiB  869
-  v5e:16x16    64              not measured yet (the v5e:2x4 compile alone took
-                               13 minutes here); its fsdp=16 halves the 1.6 GiB
-                               of state per chip that v5e:2x4 holds
+  v5e:16x16    64              1.08 GiB   10.86 GiB  11.94 GiB  535
 
-The decode step (64 regions per device, beam 2) peaks at 9.92 GiB on cpu:8 and
-14.11 GiB on v5e:2x4 (so `per-device peak` is 14.11 GiB there). The trade: the
+The decode step (64 regions per device, beam 2) peaks at 9.92 GiB on cpu:8,
+14.11 GiB on v5e:2x4 (so `per-device peak` is 14.11 GiB there) and 10.45 GiB on
+v5e:16x16 (compile 158 s). At 256 chips, 64 regions per chip fit where they do not on
+8: fsdp=16 halves the state per chip and the ring keeps the pairwise losses' memory
+per chip independent of the global batch. The trade on 8 chips: the
 reference's 64 regions per device does not fit a 16 GiB chip with this model
 (the tagging head's [regions, 4585 tags, 1024] FFN activations dominate the
 temporaries; rematerialising its layers saves only
