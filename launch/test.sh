@@ -40,8 +40,16 @@ if [[ $rc -eq 5 ]]; then
   exit 1
 fi
 set +e
-.venv/bin/python -m pytest "$isolated" -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest "$isolated" -q -p no:cacheprovider -s "$@"
 rc2=$?
+if [[ $rc2 -eq 134 ]]; then
+  # Known and open: XLA's CPU collectives among the 8 fake devices occasionally
+  # deadlock here (the process idles in a rendezvous until XLA aborts it).
+  echo "[test.sh] WARNING: $isolated aborted inside XLA (exit 134, collective" \
+       "rendezvous deadlock on fake CPU devices); running it once more" >&2
+  .venv/bin/python -m pytest "$isolated" -q -p no:cacheprovider -s "$@"
+  rc2=$?
+fi
 set -e
 # The Apache Beam path of the GOD job needs its own venv (beam pins protobuf < 7).
 # ALIGNCAP_TEST_BEAM=0 skips it.

@@ -1,14 +1,15 @@
 """Test-wide setup: 8 fake CPU devices, offline hubs, absl flags parsed."""
 import os
 
-# 8 fake CPU devices. Their collectives rendezvous between 8 threads; on a loaded
-# 2-core machine one thread can lag past XLA's default termination timeout, and
-# XLA then aborts the process ("Termination timeout ... exceeded"), so the tests
-# allow 15 minutes.
+# 8 fake CPU devices. Their collectives rendezvous between 8 threads. Now and then
+# (2 of the last 4 runs of tests/test_train_real_model.py) a run stops in such a
+# rendezvous with the CPU idle: a deadlock, not a slow thread. XLA warns after 60 s
+# (naming the rendezvous, for diagnosis) and aborts the process after 300 s;
+# launch/test.sh reruns that file once when it aborts.
 _FLAGS = ("--xla_force_host_platform_device_count=8",
-          "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
-          "--xla_cpu_collective_call_terminate_timeout_seconds=900",
-          "--xla_cpu_collective_timeout_seconds=900")
+          "--xla_cpu_collective_call_warn_stuck_timeout_seconds=60",
+          "--xla_cpu_collective_call_terminate_timeout_seconds=300",
+          "--xla_cpu_collective_timeout_seconds=300")
 _have = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
     [_have] + [f for f in _FLAGS if f.split("=")[0] not in _have]).strip()
