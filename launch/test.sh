@@ -39,17 +39,28 @@ if [[ $rc -eq 5 ]]; then
   echo "[test.sh] ERROR: pytest collected no tests; this is a broken run." >&2
   exit 1
 fi
+# Each of its tests in a fresh process: in one process the third test has stalled
+# in an XLA CPU collective rendezvous (open issue; XLA aborts it after 300 s, see
+# tests/conftest.py), alone each passes. An aborted test (exit 134) is run once more.
 set +e
-.venv/bin/python -m pytest "$isolated" -q -p no:cacheprovider -s "$@"
-rc2=$?
-if [[ $rc2 -eq 134 ]]; then
-  # Known and open: XLA's CPU collectives among the 8 fake devices occasionally
-  # deadlock here (the process idles in a rendezvous until XLA aborts it).
-  echo "[test.sh] WARNING: $isolated aborted inside XLA (exit 134, collective" \
-       "rendezvous deadlock on fake CPU devices); running it once more" >&2
-  .venv/bin/python -m pytest "$isolated" -q -p no:cacheprovider -s "$@"
-  rc2=$?
+rc2=0
+mapfile -t isolated_ids < <(.venv/bin/python -m pytest "$isolated" --collect-only -q \
+                             -p no:cacheprovider "$@" 2>/dev/null | grep "::")
+if [[ ${#isolated_ids[@]} -eq 0 && $# -eq 0 ]]; then
+  echo "[test.sh] ERROR: collected no tests from $isolated" >&2
+  rc2=1
 fi
+for id in "${isolated_ids[@]}"; do
+  .venv/bin/python -m pytest "$id" -q -p no:cacheprovider -s
+  r=$?
+  if [[ $r -eq 134 ]]; then
+    echo "[test.sh] WARNING: $id aborted inside XLA (exit 134, collective rendezvous" \
+         "stall on fake CPU devices); running it once more" >&2
+    .venv/bin/python -m pytest "$id" -q -p no:cacheprovider -s
+    r=$?
+  fi
+  if [[ $r -ne 0 && $r -ne 5 ]]; then rc2=$r; fi
+done
 set -e
 # The Apache Beam path of the GOD job needs its own venv (beam pins protobuf < 7).
 # ALIGNCAP_TEST_BEAM=0 skips it.
