@@ -79,7 +79,10 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    self.directory = checkpoint_dir(workdir)
+    # orbax refuses relative paths (and fails only in its background save thread).
+    directory = checkpoint_dir(workdir)
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
+    self._pending: int | None = None   # step of the async save last started
     self.incomplete = []
     if os.path.isdir(self.directory):
       self.incomplete = sorted(n for n in os.listdir(self.directory) if _TMP_MARK in n)
@@ -129,17 +132,32 @@ class Checkpointer:
     args = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if self._pending is not None:   # an earlier save's failure is named with its own step
+      self.wait()
     try:
       self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
     except Exception as e:  # any storage failure: full disk, permissions, ...
       raise self._fail(step, e) from e
+    self._pending = step
+
+  def poll(self) -> None:
+    """Raises CheckpointError as soon as a finished async save turns out failed.
+
+    Cheap while a save is running or none is pending; the trainer calls it every
+    step, so a save that failed in orbax's background thread stops training then,
+    instead of the loss surfacing only at the end of the run.
+    """
+    if self._pending is not None and not self._mngr.is_saving_in_progress():
+      self.wait()
 
   def wait(self) -> None:
     """Blocks until pending saves are on disk; a failure becomes CheckpointError."""
+    step, self._pending = self._pending, None
     try:
       self._mngr.wait_until_finished()
     except Exception as e:
-      step = self._mngr.latest_step()
+      if step is None:
+        step = self._mngr.latest_step()
       raise self._fail(step if step is not None else -1, e) from e
 
   def check_params(self, step: int, abstract_params: Any) -> None:

@@ -94,13 +94,47 @@ def _checked_config():
   return config
 
 
+# Config fields that name local files or folders; a relative value is taken from the
+# directory the command ran in. (orbax refuses relative checkpoint paths, and later
+# code may change directory or hand paths to worker processes.)
+_PATH_FIELDS = ("data.data_dir", "data.manual_dir", "data.detections_file",
+                "data.tag_list_file", "data.llm_tokenizer", "data.clip_tokenizer",
+                "init.blip2", "init.clip_text", "init.llm", "init.hf")
+# Of those, fields that may also hold a Hugging Face hub id ("t5-small"): made
+# absolute only when the relative path exists.
+_MAYBE_HUB_ID = ("data.llm_tokenizer", "data.clip_tokenizer")
+
+
+def absolute_path(path: str | None) -> str | None:
+  """`path` made absolute from the working directory; URLs (gs://...) unchanged."""
+  if not path or "://" in path:
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_paths(config) -> None:
+  """Makes the config's local path fields absolute, in place."""
+  for dotted in _PATH_FIELDS:
+    parent, _, name = dotted.rpartition(".")
+    node = config
+    for part in parent.split("."):
+      node = node[part]
+    value = node[name]
+    if not value or "://" in value:
+      continue
+    if dotted in _MAYBE_HUB_ID and not os.path.exists(os.path.expanduser(value)):
+      continue
+    node[name] = absolute_path(value)
+
+
 def main(argv):
   logging.get_absl_handler().addFilter(_quiet_orbax)
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
-  mode, workdir = _MODE.value, _WORKDIR.value
+  mode, workdir = _MODE.value, absolute_path(_WORKDIR.value)
   try:
     config = _checked_config()
+    resolve_paths(config)
     if mode in _NEEDS_WORKDIR and not workdir:
       raise ValueError(f"--mode {mode} needs --workdir DIR")
   except (ValueError, FileNotFoundError) as e:

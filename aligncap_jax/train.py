@@ -268,6 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             bar.set_postfix(loss=f"{float(m['loss']):.4f}", ex_per_s=f"{rate:.1f}")
         if bar is not None:
           bar.update(1)
+        ckpt.poll()   # a failed background save stops the run here, with its error
         in_row = int(jax.device_get(state.bad_in_row))
         if in_row >= config.optim.max_bad_steps_in_row:
           ckpt.wait()

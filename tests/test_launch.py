@@ -100,3 +100,20 @@ def test_scripts_are_strict_bash():
     text = (ROOT / "launch" / name).read_text()
     assert text.startswith("#!/usr/bin/env bash\n")
     assert "\nset -euo pipefail\n" in text
+
+
+def test_run_local_dry_run_default_and_smoke():
+  res = _run("run_local.sh", ["--dry-run"])
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.splitlines() == [
+      "[run_local] .venv/bin/python -m aligncap_jax.main --config configs/synthetic.py "
+      "--workdir workdirs/synthetic --mode train",
+      "[run_local] .venv/bin/python -m aligncap_jax.main --config configs/synthetic.py "
+      "--workdir workdirs/synthetic --mode eval"]
+  res = _run("run_local.sh", ["--smoke", "--dry-run", "wd", "--config.seed=3"])
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.splitlines() == [
+      "[run_local] .venv/bin/python -m aligncap_jax.main --config configs/synthetic.py:smoke "
+      "--workdir wd --mode train --config.seed=3",
+      "[run_local] .venv/bin/python -m aligncap_jax.main --config configs/synthetic.py:smoke "
+      "--workdir wd --mode eval --config.seed=3"]

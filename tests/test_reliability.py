@@ -175,6 +175,49 @@ def test_full_disk_during_save_is_a_clear_error_and_keeps_previous(tmp_path, mon
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
+def test_save_failing_in_orbax_background_thread_stops_training_at_once(tmp_path, monkeypatch):
+  """orbax reports a failed async write only from its background thread; the trainer
+  must stop with that error right after, not train on and lose everything at the end."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=g-import-not-at-top
+
+  def failing_spec(*args, **kwargs):
+    raise ValueError("simulated storage failure in the background write")
+
+  monkeypatch.setattr(tensorstore_utils, "_build_ocdbt_kvstore_tspec", failing_spec)
+  # Slow batches: the failed background write (milliseconds) is seen before step 2*EVERY.
+  monkeypatch.setenv("FAKE_BATCH_DELAY_S", "0.5")
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    train.train_and_evaluate(_config(), workdir, **LIBS)
+  msg = str(e.value)
+  assert f"could not write checkpoint step {EVERY}" in msg, msg
+  assert "simulated storage failure" in msg
+  assert "no earlier checkpoint exists" in msg
+  with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
+    last = [json.loads(x)["step"] for x in f][-1]
+  assert EVERY <= last < 2 * EVERY, f"trained on to step {last} after the failed save"
+
+
+def test_relative_workdir_trains_checkpoints_and_resumes_through_main(tmp_path):
+  """`--workdir` relative to the caller's directory (orbax needs absolute paths)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, os.path.join(ROOT, "tests", "fixtures_train.py"),
+         "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", "runs/rel",
+         "--mode", "train", *OVERRIDES]
+  proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Checkpoint path should be absolute" not in proc.stderr
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "runs" / "rel"), read_only=True)
+  assert ck.all_steps() == [EVERY, 2 * EVERY, STEPS]
+  ck.close()
+  # A second run from the same folder finds the checkpoints and has nothing to train.
+  proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"resumed from step {STEPS}" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_unwritable_workdir_is_a_one_line_error(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a folder")
