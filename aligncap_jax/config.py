@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
       prefetch_buffer_size=2,
       shuffle_buffer_seed=0,
       strict=False,                # dataset build: fail on a corrupt image instead of skip+count
+      # VG only: splits file, default <manual_dir>/densecap_splits.json (DenseCap's full
+      # splits); a COCO-style region list (GLaMM's test_caption.json) makes `test` that subset
+      split_file=ml_collections.FieldReference(None, field_type=str),
       god_num_processes=1,
       god_beam_options="",         # non-empty: run GOD through Apache Beam with these flags
       # synthetic dataset generator sizes
@@ -144,6 +147,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.decode = _cd(num_beams=2, max_new_tokens=20, min_length=1,
                  length_penalty=0.0, repetition_penalty=1.5)
 
+  # ---------------------------------------------------------------- eval
+  # `--mode eval`: "captions" = BLEU-4/METEOR/ROUGE-L/CIDEr on the ground-truth
+  # boxes; "densecap" = DenseCap mAP (jcjohnson/densecap eval_utils.lua) into
+  # eval/densecap.json, with the ground-truth boxes as prompts (boxes="gt", each
+  # region scored by its caption's sequence score) or a detector's boxes
+  # (boxes="detections": `detections_file`, COCO results json; None = the GOD
+  # records' own objects, the simulated detector on the synthetic set).
+  c.eval = _cd(
+      protocol="captions",            # captions | densecap
+      boxes="gt",                     # densecap: gt | detections
+      detections_file=ml_collections.FieldReference(None, field_type=str),
+      detection_score="detection",    # detection | detection_x_caption (x the caption's score)
+      iou_convention="plus_one",      # plus_one (the Lua reference) | continuous
+  )
+
   # ---------------------------------------------------------------- mesh
   c.mesh = _cd(data=-1, fsdp=1, tensor=1)   # -1: all remaining devices
   # (logical axis, mesh axes) pairs; models only use logical names.
@@ -214,3 +232,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for ax in ("data", "fsdp", "tensor"):
     v = config.mesh[ax]
     need(v == -1 or v >= 1, f"mesh.{ax}", f"must be -1 or >= 1, got {v}")
+  e = config.eval
+  need(e.protocol in ("captions", "densecap"), "eval.protocol",
+       f"must be 'captions' or 'densecap', got {e.protocol!r}")
+  need(e.boxes in ("gt", "detections"), "eval.boxes",
+       f"must be 'gt' or 'detections', got {e.boxes!r}")
+  need(e.detection_score in ("detection", "detection_x_caption"), "eval.detection_score",
+       f"must be 'detection' or 'detection_x_caption', got {e.detection_score!r}")
+  need(e.iou_convention in ("plus_one", "continuous"), "eval.iou_convention",
+       f"must be 'plus_one' or 'continuous', got {e.iou_convention!r}")

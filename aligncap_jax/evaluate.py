@@ -313,7 +313,14 @@ def load_for_inference(config: ml_collections.ConfigDict, workdir: str, mode: st
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, model_lib: Any = None,
              pipeline_lib: Any = None) -> dict[str, float]:
-  """`--mode eval`: scores the latest checkpoint on `config.data.eval_split`."""
+  """`--mode eval`: scores the latest checkpoint on `config.data.eval_split`.
+
+  `eval.protocol = "densecap"` runs `densecap_eval.evaluate` (DenseCap mAP) instead.
+  """
+  if config.eval.protocol == "densecap":
+    from aligncap_jax import densecap_eval  # pylint: disable=g-import-not-at-top
+    return densecap_eval.evaluate(config, workdir, model_lib=model_lib,
+                                  pipeline_lib=pipeline_lib)
   mesh, assets, model, params, step = load_for_inference(
       config, workdir, "eval", model_lib=model_lib, pipeline_lib=pipeline_lib)
   evaluator = Evaluator(config, model, assets, mesh, workdir=workdir,

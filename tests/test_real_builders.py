@@ -133,6 +133,43 @@ def test_visual_genome_missing_files_listed(tmp_path):
   assert str(tmp_path / "manual") in msg
 
 
+def test_visual_genome_split_file_region_subset_and_image_lists(vg_manual, tmp_path):
+  manual, _ = vg_manual
+  # GLaMM-style test_caption.json: one COCO "image" per region, file_name <VG id>.jpg.
+  subset = tmp_path / "test_caption.json"
+  subset.write_text(json.dumps({
+      "images": [{"id": 7, "file_name": "1.jpg"}, {"id": 8, "file_name": "4.jpg"},
+                 {"id": 9, "file_name": "1.jpg"}],
+      "annotations": [{"id": 7, "image_id": 7, "bbox": [3, 2, 10, 5], "caption": "a red ball"},
+                      {"id": 8, "image_id": 8, "bbox": [2, 2, 4, 4], "caption": "a tile"},
+                      {"id": 9, "image_id": 9, "bbox": [0, 0, 8, 6], "caption": "corner"}]}))
+  builders.prepare("visual_genome_regions", data_dir=str(tmp_path / "a"),
+                   manual_dir=str(manual), split_file=str(subset))
+  _, test = _read("visual_genome_regions", str(tmp_path / "a"), "test")
+  assert sorted(test) == [1, 4]      # the subset's images, only the listed regions
+  assert list(test[1]["regions"]["id"]) == [7, 9]
+  assert [_text(c) for c in test[1]["regions"]["caption"]] == ["a red ball", "corner"]
+  np.testing.assert_array_equal(np.stack(test[1]["regions"]["bbox"]),
+                                [[3, 2, 13, 7], [0, 0, 8, 6]])
+  _, train = _read("visual_genome_regions", str(tmp_path / "a"), "train")
+  assert sorted(train) == [1, 2]     # train and val still from densecap_splits.json
+  with pytest.raises(ValueError, match="built with splits from .*test_caption.json"):
+    builders.prepare("visual_genome_regions", data_dir=str(tmp_path / "a"),
+                     manual_dir=str(manual))
+  # DenseCap-form split file: image id lists replace densecap_splits.json.
+  lists = tmp_path / "splits.json"
+  lists.write_text(json.dumps({"train": [2], "val": [5], "test": [1, 4]}))
+  builders.prepare("visual_genome_regions", data_dir=str(tmp_path / "b"),
+                   manual_dir=str(manual), split_file=str(lists))
+  _, test = _read("visual_genome_regions", str(tmp_path / "b"), "test")
+  assert sorted(test) == [1, 4] and list(test[1]["regions"]["id"]) == [11, 12]
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}], "annotations": []}))
+  with pytest.raises(ValueError, match=r"images\[0\] needs 'id' and 'file_name'"):
+    builders.prepare("visual_genome_regions", data_dir=str(tmp_path / "c"),
+                     manual_dir=str(manual), split_file=str(bad))
+
+
 # ------------------------------------------------------------------ RefCOCOg
 
 

@@ -103,7 +103,7 @@ def prepare(config, *, build_missing_synthetic: bool = True, build_real: bool = 
     from aligncap_jax.data import builders  # real datasets only
 
     builders.prepare(name, data_dir=ddir, manual_dir=config.data.manual_dir,
-                     strict=config.data.strict)
+                     strict=config.data.strict, split_file=config.data.split_file)
   if _god_ready(config):
     return
   if name != SYNTHETIC_NAME and not build_real:
@@ -557,6 +557,98 @@ def make_eval_iterator(config, assets: Assets, split: str, *, batch_size: int,
     raise ValueError(f"split {split!r} of {config.data.name}_god has no evaluation targets")
   source = _source(config, split)
   fn = _EvalTarget(source, _Featurizer.from_config(config, assets, split))
+  it = _rows(config, grain.MapDataset.source(targets).map(fn), batch_size)
+  return iter(it.batch(batch_size).map(functools.partial(_pad_batch, size=batch_size)))
+
+
+def box_targets(config, split: str, boxes=None) -> list[dict]:
+  """Boxes that are not regions (a detector's) as targets of `make_box_iterator`.
+
+  Args:
+    config: full config.
+    split: data split whose images the boxes are on.
+    boxes: dicts `{"image_id", "bbox": [x1, y1, x2, y2], ...}` (other keys
+      kept); None: every record's own `objects` (the detections GOD used; on
+      the synthetic set, its simulated detector) as `{"image_id", "bbox",
+      "score", "label"}`.
+
+  Returns:
+    The boxes on images of `split` with area inside their image, in input
+    order, each with its `bbox` clipped to the image and a `_record` index.
+    Boxes on other images, or with no area inside theirs, are dropped and
+    counted (`stats()`).
+  """
+  source = _source(config, split)
+  images, objects = {}, []
+  for rec_i in range(len(source)):
+    record = source[rec_i]
+    images[int(record["image_id"])] = (rec_i, int(record["width"]), int(record["height"]))
+    objects.extend({"image_id": int(record["image_id"]), "bbox": o["bbox"].tolist(),
+                    "score": float(o["score"]), "label": o["label"]}
+                   for o in record["objects"])
+  boxes = objects if boxes is None else boxes
+  out = []
+  for b in boxes:
+    found = images.get(int(b["image_id"]))
+    if found is None:
+      _count("boxes on images outside the split skipped", f"image_id={b['image_id']}")
+      continue
+    box = transforms.clip_box(b["bbox"], found[1], found[2])
+    if box is None:
+      _count("boxes without area in their image skipped", f"image_id={b['image_id']}")
+      continue
+    out.append({**b, "bbox": [float(v) for v in box], "_record": found[0]})
+  return out
+
+
+class _BoxTarget:
+  """map fn: box target -> eval row, context views proposed from the record's objects.
+
+  The views are what GOD gives a region with the same box: `propose_views`
+  over the record's objects (the detections GOD used), pHash distances, the
+  j-1 greatest.
+  """
+
+  def __init__(self, source, featurizer: _Featurizer, top_k: int, score_threshold: float):
+    self._source, self._featurizer = source, featurizer
+    self._top_k, self._threshold = top_k, score_threshold
+
+  def __repr__(self) -> str:
+    return f"_BoxTarget(split={self._featurizer.split!r}, top_k={self._top_k})"
+
+  def __call__(self, target: dict) -> dict:
+    f = self._featurizer
+    record = self._source[target["_record"]]
+    image = f.image(record)
+    h, w = image.shape[:2]
+    box = np.asarray(target["bbox"], np.float32)
+    pool = god.propose_views(box, record["objects"], top_k=self._top_k,
+                             score_threshold=self._threshold, image_size=(w, h))
+    cands = god.select_views(pool, god.view_distances(image, box, pool), f.num_views - 1,
+                             train=False, target_box=box)
+    row = f.views(image, box, cands)
+    for key, n in (("caption", f.max_caption_tokens), ("clip", f.clip_max_tokens),
+                   ("prompt", f.max_prompt_tokens)):
+      row[f"{key}_tokens"] = np.zeros((n,), np.int32)
+      row[f"{key}_mask"] = np.zeros((n,), np.int32)
+    row["tag_labels"] = np.zeros((len(f.assets.tag_vocab),), np.float32)
+    row["region_id"] = np.int32(-1)
+    row["image_id"] = np.int32(record["image_id"])
+    row["valid"] = np.int32(1)
+    return row
+
+
+def make_box_iterator(config, assets: Assets, split: str, targets: list[dict], *,
+                      batch_size: int):
+  """Batches over `box_targets(...)` rows, in that order, for captioning any boxes.
+
+  Rows have the eval layout (caption, CLIP, tag and prompt fields zero,
+  `region_id` -1); the last batch is padded with `valid` 0 rows.
+  """
+  if not targets:
+    raise ValueError(f"split {split!r}: no boxes to caption")
+  fn = _BoxTarget(_source(config, split), _Featurizer.from_config(config, assets, split),
+                  config.data.god_top_k, config.data.god_score_threshold)
   it = _rows(config, grain.MapDataset.source(targets).map(fn), batch_size)
   return iter(it.batch(batch_size).map(functools.partial(_pad_batch, size=batch_size)))
 
