@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+from aligncap_jax import fake_devices  # noqa: E402
+
+# 8 fake devices with thread slack (their ring collectives deadlock without it).
+fake_devices.use_fake_cpu_devices(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402

@@ -11,6 +11,7 @@ import pytest
 
 from aligncap_jax.config import base_config
 from aligncap_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder, eos_positions
+from tolerance import assert_reorder_close  # noqa: E402
 
 
 def _setup(cfg):
@@ -28,9 +29,9 @@ def test_causal_and_pooled_at_first_eos():
   np.testing.assert_allclose(pooled, last[jnp.arange(2), jnp.array([3, 1])], rtol=0, atol=0)
   changed = ids.at[:, 4].set(50)
   last2, pooled2 = CLIPTextEncoder(cfg).apply({"params": params}, changed)
-  np.testing.assert_allclose(last2[:, :4], last[:, :4], rtol=1e-6, atol=1e-6)
+  assert_reorder_close(last2[:, :4], last[:, :4], depth=cfg.num_layers)
   assert np.abs(np.asarray(last2[:, 4] - last[:, 4])).max() > 1e-3
-  np.testing.assert_allclose(pooled2, pooled, rtol=1e-6, atol=1e-6)
+  assert_reorder_close(pooled2, pooled, depth=cfg.num_layers)
 
 
 def test_legacy_eos_id_2_pools_at_argmax():
@@ -44,10 +45,10 @@ def test_padding_mask_hides_keys():
   mask = jnp.array([[1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
   last, _ = CLIPTextEncoder(cfg).apply({"params": params}, ids, mask)
   last2, _ = CLIPTextEncoder(cfg).apply({"params": params}, ids.at[0, 1].set(60), mask)
-  np.testing.assert_allclose(last2[0, 2:], last[0, 2:], rtol=1e-6, atol=1e-6)
+  assert_reorder_close(last2[0, 2:], last[0, 2:], depth=cfg.num_layers)
   full, _ = CLIPTextEncoder(cfg).apply({"params": params}, ids)
   assert np.abs(np.asarray(full[0, 2:] - last[0, 2:])).max() > 1e-3
-  np.testing.assert_allclose(full[1], last[1], rtol=1e-6, atol=1e-6)
+  assert_reorder_close(full[1], last[1], depth=cfg.num_layers)
 
 
 def test_scan_matches_unscanned():
@@ -60,7 +61,8 @@ def test_scan_matches_unscanned():
   c = dataclasses.replace(cfg, scan_layers=True, remat=True)
   got = CLIPTextEncoder(c).apply({"params": scanned}, ids)
   for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    # Scanned + rematerialised vs unrolled: float32 reassociation over 3 layers.
+    assert_reorder_close(g, w, depth=cfg.num_layers)
 
 
 def test_too_long_input_is_an_error():
