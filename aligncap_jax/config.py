@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
       pairwise_form="chunked",       # dense | chunked | ring
       pairwise_block_size=16,
       tag_threshold=0.7,
-      train_query_tokens=False,
+      train_query_tokens=False,       # frozen, as in the reference (DESIGN.md section 10)
       dtype="float32",                # activations of the trainable blocks
       frozen_dtype="bfloat16",        # frozen towers' params and activations
       remat=True,                     # rematerialise transformer layers
@@ -113,9 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
       llm=ml_collections.FieldReference(None, field_type=str),        # HF folder of the LLM (default: blip2's)
       hf=ml_collections.FieldReference(None, field_type=str),         # an exported AlignCap folder
   )
-  # Regexes over '/'-joined parameter paths; a parameter is trained iff one matches.
+  # Regexes over '/'-joined parameter paths; a parameter is trained iff one matches,
+  # except the Q-Former's query tokens, which model.train_query_tokens alone decides.
   c.trainable = [
-      r"^cross_view/", r"^view_fusion/", r"^qformer/(?!query_tokens)",
+      r"^cross_view/", r"^view_fusion/", r"^qformer/",
       r"^language_projection/", r"^tagging/", r"^cond_", r"^multi_",
       r"^prompt_vector$",
   ]

@@ -70,15 +70,27 @@ def _is_box(x: Any) -> bool:
   return isinstance(x, nn.meta.AxisMetadata)
 
 
+QUERY_TOKENS = "qformer/query_tokens"
+
+
 def trainable_mask(config: ml_collections.ConfigDict, params: PyTree) -> PyTree:
   """True for each parameter matched by one of `config.trainable`'s regexes.
 
-  Works on boxed or unboxed trees; the result has one bool per box/leaf.
+  The Q-Former's query tokens are the exception: `model.train_query_tokens`
+  alone decides them (default False, frozen as in the reference), whatever the
+  regexes say. Works on boxed or unboxed trees; the result has one bool per
+  box/leaf.
   """
   patterns = [re.compile(p) for p in config.trainable]
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: any(p.search(param_path(path)) for p in patterns), params,
-      is_leaf=_is_box)
+  train_queries = bool(config.model.train_query_tokens)
+
+  def trained(path, _):
+    name = param_path(path)
+    if name == QUERY_TOKENS:
+      return train_queries
+    return any(p.search(name) for p in patterns)
+
+  return jax.tree_util.tree_map_with_path(trained, params, is_leaf=_is_box)
 
 
 def count_params(params: PyTree, mask: PyTree) -> tuple[int, int]:

@@ -56,8 +56,9 @@ def get_config(arg: str | None = None):
   m.scan_layers = False
   m.remat = False
   # Backbones train from scratch here; only the CLIP text tower (and the
-  # Q-Former's query tokens, as in the reference) stay frozen.
-  c.trainable = [r"^(?!clip_text/)(?!qformer/query_tokens)"]
+  # Q-Former's query tokens, model.train_query_tokens=False as in the reference)
+  # stay frozen.
+  c.trainable = [r"^(?!clip_text/)"]
 
   c.optim.learning_rate = 1e-3
   c.optim.weight_decay = 0.05

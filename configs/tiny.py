@@ -46,6 +46,7 @@ def get_config(arg=None):
   m.remat = False
 
   c.trainable = [r"^(?!clip_text/)"]
+  m.train_query_tokens = True
   c.optim.warmup_steps = 1
   c.optim.learning_rate = 1e-3
   c.train.update(per_device_batch_size=2, total_steps=4, log_every_steps=1,

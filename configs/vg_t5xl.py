@@ -102,7 +102,7 @@ def reference(name: str, tag_threshold: float):
 
   c.init.blip2 = "blip2-flan-t5-xl"
   c.init.clip_text = "clip-vit-large-patch14"
-  c.trainable = [r"^cross_view/", r"^view_fusion/", r"^qformer/(?!query_tokens)",
+  c.trainable = [r"^cross_view/", r"^view_fusion/", r"^qformer/",
                  r"^language_projection/", r"^tagging/", r"^cond_", r"^multi_",
                  r"^prompt_vector$"]
 

@@ -1,13 +1,17 @@
 """Trainer: optimizer pieces, frozen masks, device-count equality, the loop."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -112,6 +116,32 @@ def test_trainable_regex_mask_and_frozen_params_do_not_move():
   # Frozen parameters hold no Adam moments.
   leaves = jax.tree.leaves(state.opt_state)
   assert sum(x.size for x in leaves) == 2 * n_train + 2
+
+
+@pytest.mark.parametrize("train_queries", [False, True])
+@pytest.mark.parametrize("regexes", [r"^(?!clip_text/)", r"^qformer/"])
+def test_train_query_tokens_flag_decides_the_query_tokens(train_queries, regexes):
+  """model.train_query_tokens alone decides the Q-Former's query tokens, whatever
+  the trainable regexes say; frozen tokens get no optimizer update."""
+  c = tiny.get_config()
+  c.trainable = [regexes]
+  c.model.train_query_tokens = train_queries
+  queries = nn.Partitioned(jnp.ones((1, 4, 8)), (None, None, "embed"))   # boxed, as in init
+  boxed = {"qformer": {"query_tokens": queries, "layer_0": {"kernel": jnp.ones((8, 8))}},
+           "clip_text": {"embedding": jnp.ones((4, 8))}}
+  mask = ts.trainable_mask(c, boxed)
+  assert mask["qformer"]["query_tokens"] is train_queries
+  assert mask["qformer"]["layer_0"]["kernel"] and not mask["clip_text"]["embedding"]
+  params = nn.meta.unbox(boxed)
+  tx = ts.make_optimizer(c, optax.constant_schedule(0.1), mask)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  moved = lambda *k: not np.array_equal(
+      functools.reduce(dict.__getitem__, k, new), functools.reduce(dict.__getitem__, k, params))
+  assert moved("qformer", "query_tokens") == train_queries
+  assert moved("qformer", "layer_0", "kernel") and not moved("clip_text", "embedding")
+  assert ts.count_params(params, mask)[0] == 64 + 32 * train_queries
 
 
 def test_one_device_equals_eight_devices_after_three_steps():

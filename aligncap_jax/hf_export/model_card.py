@@ -30,6 +30,8 @@ def render(config: ml_collections.ConfigDict, *, num_tags: int, step: int | None
   data_name = DATASETS.get(d.name, d.name)
   length = (f"{t.total_steps} steps" if t.total_steps else f"{t.total_epochs:g} epochs")
   metric_rows = _flat_metrics(metrics or {})
+  qformer_trained = ("trainable, query tokens included" if m.train_query_tokens
+                     else "trainable except the query tokens")
   if metric_rows:
     metric_md = "| metric | value |\n|---|---|\n" + "".join(
         f"| {k} | {v:.4f} |\n" for k, v in metric_rows)
@@ -56,7 +58,7 @@ exported from `aligncap_jax`{f" at step {step}" if step is not None else ""}.
   (target + GOD context views).
 - Spatial cross-view block and view fusion (trainable).
 - Q-Former sampler: {m.qformer.num_layers} layers, width {m.qformer.hidden_size},
-  {m.qformer.num_query_tokens} query tokens (trainable except the query tokens).
+  {m.qformer.num_query_tokens} query tokens ({qformer_trained}).
 - Tagging head over {num_tags} tags embedded by a frozen CLIP text tower
   ({m.clip_text.num_layers} layers, width {m.clip_text.hidden_size}); inference prompt
   = tags with sigmoid > {m.tag_threshold}.
