@@ -16,6 +16,13 @@ Three forms with the same value and gradients:
 `x` and `y` may be pytrees whose leaves share the leading axis N (e.g. a
 scorer's pre-projected keys/values plus a token mask); blocks are cut and
 passed leaf by leaf.
+
+`valid` (bool[N], optional) marks padding: a row i and column i with
+valid[i] == False take part in no pair, and the sum is divided by the number of
+valid rows, so the loss and its gradients equal those of the valid subset alone.
+Every form takes any N: the chunked form pads its last column block, the ring
+pads N up to a multiple of its devices, both with masked copies of real items
+(never zeros: a scorer may normalise them).
 """
 from __future__ import annotations
 
@@ -50,18 +57,32 @@ def _leading_size(tree: Any, name: str) -> int:
   return sizes.pop()
 
 
-def _check_inputs(x: Any, y: Any, score_fn: ScoreFn | None) -> int:
+def _check_inputs(x: Any, y: Any, score_fn: ScoreFn | None, valid: Any,
+                  name: str = "pairwise_sigmoid_loss") -> tuple[int, jax.Array | None]:
+  """N, and `valid` as bool[N] (None stays None)."""
   n = _leading_size(x, "x")
   m = _leading_size(y, "y")
   if n != m:
-    raise ValueError(f"pairwise_sigmoid_loss: x has N={n} rows but y has N={m}")
+    raise ValueError(f"{name}: x has N={n} rows but y has N={m}")
   if score_fn is None:
-    for name, t in (("x", x), ("y", y)):
+    for arg, t in (("x", x), ("y", y)):
       if not hasattr(t, "ndim") or t.ndim != 2:
         raise ValueError(
-            f"pairwise_sigmoid_loss: with score_fn=None '{name}' must be one float[N, D] "
+            f"{name}: with score_fn=None '{arg}' must be one float[N, D] "
             "array (pass a score_fn for token sets or pytrees)")
-  return n
+  if valid is None:
+    return n, None
+  valid = jnp.asarray(valid)
+  if valid.shape != (n,):
+    raise ValueError(f"{name}: valid must have shape ({n},) like the rows, got {valid.shape}")
+  return n, valid.astype(bool)
+
+
+def _mean(total: jax.Array, n: int, valid: jax.Array | None) -> jax.Array:
+  """`total` over the number of valid rows (N without a mask; 1 if none is valid)."""
+  if valid is None:
+    return total / n
+  return total / jnp.maximum(jnp.sum(valid), 1).astype(total.dtype)
 
 
 def _as_float(a: Any) -> jax.Array:
@@ -76,54 +97,66 @@ def _acc_dtype(*trees: Any) -> jnp.dtype:
 
 
 def _block_terms(s: jax.Array, log_t: jax.Array, b: jax.Array, row_ids: jax.Array,
-                 col_ids: jax.Array, col_valid: jax.Array | None = None) -> jax.Array:
-  """Sum of -log sigmoid(z * logit) over one [r, c] block of scores."""
+                 col_ids: jax.Array, row_valid: jax.Array | None = None,
+                 col_valid: jax.Array | None = None) -> jax.Array:
+  """Sum of -log sigmoid(z * logit) over the pairs of one [r, c] block whose row
+  and column are both valid (`jnp.where`, so masked pairs pass no gradient)."""
   s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
   logits = jnp.exp(log_t).astype(s.dtype) * s + b.astype(s.dtype)
   z = jnp.where(row_ids[:, None] == col_ids[None, :], 1.0, -1.0)
   terms = -jax.nn.log_sigmoid(z * logits)
+  mask = None
+  if row_valid is not None:
+    mask = row_valid[:, None]
   if col_valid is not None:
-    terms = jnp.where(col_valid[None, :], terms, 0.0)
+    mask = col_valid[None, :] if mask is None else mask & col_valid[None, :]
+  if mask is not None:
+    terms = jnp.where(mask, terms, 0.0)
   return jnp.sum(terms)
 
 
-def _dense_sum(x, y, log_t, b, score_fn, score_params) -> jax.Array:
+def _dense_sum(x, y, log_t, b, score_fn, score_params, valid) -> jax.Array:
   n = _leading_size(x, "x")
   ids = jnp.arange(n)
-  return _block_terms(score_fn(score_params, x, y), log_t, b, ids, ids)
+  return _block_terms(score_fn(score_params, x, y), log_t, b, ids, ids, valid, valid)
 
 
-def _chunked_sum(x, y, log_t, b, score_fn, score_params, block_size: int) -> jax.Array:
-  """Sum over all (row, column) pairs, scanning over column blocks of y."""
+def _chunked_sum(x, y, log_t, b, score_fn, score_params, block_size: int,
+                 valid: jax.Array | None) -> jax.Array:
+  """Sum over all valid (row, column) pairs, scanning over column blocks of y."""
   n_rows = _leading_size(x, "x")
   n = _leading_size(y, "y")
   num_blocks = -(-n // block_size)
   padded = num_blocks * block_size
   # Pad by repeating real columns (never zeros: a scorer may normalise them).
   take = jnp.arange(padded) % n
-  y_blocks = jax.tree.map(
-      lambda a: jnp.take(a, take, axis=0).reshape((num_blocks, block_size) + a.shape[1:]), y)
+  blocks = lambda a: a.reshape((num_blocks, block_size) + a.shape[1:])
+  y_blocks = jax.tree.map(lambda a: blocks(jnp.take(a, take, axis=0)), y)
+  col_valid = jnp.arange(padded) < n
+  if valid is not None:
+    col_valid = col_valid & jnp.take(valid, take)
   row_ids = jnp.arange(n_rows)
 
   @jax.checkpoint
-  def block_sum(params, lt, bias, y_blk, start):
-    col_ids = start + jnp.arange(block_size)
+  def block_sum(params, lt, bias, y_blk, start, v_blk):
     s = score_fn(params, x, y_blk)
-    return _block_terms(s, lt, bias, row_ids, col_ids, col_ids < n)
+    return _block_terms(s, lt, bias, row_ids, start + jnp.arange(block_size), valid, v_blk)
 
   def body(acc, inputs):
-    y_blk, start = inputs
-    return acc + block_sum(score_params, log_t, b, y_blk, start).astype(acc.dtype), None
+    y_blk, start, v_blk = inputs
+    return acc + block_sum(score_params, log_t, b, y_blk, start, v_blk).astype(acc.dtype), None
 
   starts = jnp.arange(num_blocks) * block_size
-  total, _ = jax.lax.scan(body, jnp.zeros((), _acc_dtype(x, y)), (y_blocks, starts))
+  total, _ = jax.lax.scan(body, jnp.zeros((), _acc_dtype(x, y)),
+                          (y_blocks, starts, blocks(col_valid)))
   return total
 
 
 def pairwise_sigmoid_loss(x: Any, y: Any, log_t: jax.Array, b: jax.Array, *,
                           block_size: int | None = None,
                           score_fn: ScoreFn | None = None,
-                          score_params: Any = None) -> jax.Array:
+                          score_params: Any = None,
+                          valid: jax.Array | None = None) -> jax.Array:
   """Pairwise sigmoid loss on one device, dense or chunked over column blocks.
 
   Args:
@@ -137,20 +170,24 @@ def pairwise_sigmoid_loss(x: Any, y: Any, log_t: jax.Array, b: jax.Array, *,
     score_fn: `score_fn(score_params, rows, cols) -> float[r, c]`; None is the
       dot product.
     score_params: pytree passed to `score_fn` (gradients flow to every leaf).
+    valid: optional bool[N]; False marks a padding item, whose row and column
+      take part in no pair. The loss is averaged over the valid rows: it equals
+      the loss of the valid subset alone, in value and gradients.
 
   Returns:
     float32 scalar loss.
   """
-  n = _check_inputs(x, y, score_fn)
+  n, valid = _check_inputs(x, y, score_fn, valid)
   score_fn = score_fn or dot_score
   log_t, b = _as_float(log_t), _as_float(b)
   if block_size is None:
-    total = _dense_sum(x, y, log_t, b, score_fn, score_params)
+    total = _dense_sum(x, y, log_t, b, score_fn, score_params, valid)
   else:
     if int(block_size) < 1:
       raise ValueError(f"pairwise_sigmoid_loss: block_size must be >= 1, got {block_size}")
-    total = _chunked_sum(x, y, log_t, b, score_fn, score_params, min(int(block_size), n))
-  return total / n
+    total = _chunked_sum(x, y, log_t, b, score_fn, score_params, min(int(block_size), n),
+                         valid)
+  return _mean(total, n, valid)
 
 
 def _mesh_size(mesh: jax.sharding.Mesh, axis_names: Sequence[str], name: str) -> int:
@@ -163,8 +200,14 @@ def _mesh_size(mesh: jax.sharding.Mesh, axis_names: Sequence[str], name: str) ->
   return size
 
 
-def _sharded(local_fn, x, y, log_t, b, score_fn, score_params, mesh, axis_names, name):
-  """Runs `local_fn(x_loc, y_loc, log_t, b, params)` -> local sum on every device.
+def _sharded(local_fn, x, y, log_t, b, score_fn, score_params, valid, mesh, axis_names,
+             name):
+  """Runs `local_fn((x_loc, v_loc), (y_loc, v_loc), log_t, b, params)` -> local sum
+  on every device, v_loc being the device's slice of the validity mask.
+
+  N is padded up to a multiple of the devices with masked copies of the first
+  rows, so any N works; the padding's gradient is zero and the transpose of the
+  gather adds it to those rows, leaving their gradients exact.
 
   Replicated inputs (log_t, b, score_params) enter with an explicit leading
   device axis, so that the gradient of each device's copy comes back as one
@@ -172,27 +215,30 @@ def _sharded(local_fn, x, y, log_t, b, score_fn, score_params, mesh, axis_names,
   on shard_map's replication tracking (off here, `check_vma=False`).
   """
   axis_names = tuple(axis_names)
-  n = _check_inputs(x, y, score_fn)
+  n, valid = _check_inputs(x, y, score_fn, valid, name)
   score_fn = score_fn or dot_score
   devices = _mesh_size(mesh, axis_names, name)
-  if n % devices:
-    raise ValueError(
-        f"{name}: N={n} rows must be divisible by the {devices} devices of mesh axes "
-        f"{axis_names}")
+  padded = -(-n // devices) * devices
+  mask = jnp.ones((n,), bool) if valid is None else valid
+  if padded != n:
+    take = jnp.arange(padded) % n
+    x, y = (jax.tree.map(lambda a: jnp.take(a, take, axis=0), t) for t in (x, y))
+    mask = jnp.concatenate([mask, jnp.zeros((padded - n,), bool)])
   spec = P(axis_names)
   rep = lambda a: jnp.broadcast_to(jnp.asarray(a)[None], (devices,) + jnp.shape(a))
   replicated = jax.tree.map(rep, (_as_float(log_t), _as_float(b), score_params))
 
-  def per_device(x_loc, y_loc, rep_loc):
+  def per_device(x_loc, y_loc, m_loc, rep_loc):
     lt, bias, params = jax.tree.map(lambda a: a[0], rep_loc)
-    return local_fn(x_loc, y_loc, lt, bias, params, score_fn, n // devices, devices)[None]
+    return local_fn((x_loc, m_loc), (y_loc, m_loc), lt, bias, params, score_fn,
+                    padded // devices, devices)[None]
 
   sums = jax.shard_map(
       per_device, mesh=mesh,
-      in_specs=(jax.tree.map(lambda _: spec, x), jax.tree.map(lambda _: spec, y),
+      in_specs=(jax.tree.map(lambda _: spec, x), jax.tree.map(lambda _: spec, y), spec,
                 jax.tree.map(lambda _: spec, replicated)),
-      out_specs=spec, check_vma=False)(x, y, replicated)
-  return jnp.sum(sums) / n
+      out_specs=spec, check_vma=False)(x, y, mask, replicated)
+  return _mean(jnp.sum(sums), n, valid)
 
 
 def _is_float(a: jax.Array) -> bool:
@@ -221,6 +267,9 @@ def _cotangent(tree: Any, float_grads: Sequence[jax.Array]) -> Any:
 def _ring_local(x_loc, y_loc, log_t, b, params, score_fn, n_loc, devices, axis_names):
   """Sum of this device's rows against all columns, the y blocks circling the ring.
 
+  `x_loc` and `y_loc` are (items, bool[n_loc] validity) pairs; the validity of a
+  y block travels with it.
+
   A custom VJP keeps the backward pass a ring too: it sends the y blocks round
   again, recomputes each step's pairs, and the gradient of each y block travels
   with the block until both are back home. Nothing per step is stored, so
@@ -234,10 +283,11 @@ def _ring_local(x_loc, y_loc, log_t, b, params, score_fn, n_loc, devices, axis_n
   me = lambda: jax.lax.axis_index(axis_names)
 
   def step_sum(x, y_blk, lt, bias, p, step):
+    (x_items, x_valid), (y_items, y_valid) = x, y_blk
     src = (me() - step) % devices
-    s = score_fn(p, x, y_blk)
+    s = score_fn(p, x_items, y_items)
     return _block_terms(s, lt, bias, me() * n_loc + jnp.arange(n_loc),
-                        src * n_loc + jnp.arange(n_loc)).astype(acc_dtype)
+                        src * n_loc + jnp.arange(n_loc), x_valid, y_valid).astype(acc_dtype)
 
   @jax.custom_vjp
   def ring(x, y, lt, bias, p):
@@ -280,7 +330,8 @@ def sharded_pairwise_sigmoid_loss(x: Any, y: Any, log_t: jax.Array, b: jax.Array
                                   mesh: jax.sharding.Mesh,
                                   axis_names: Sequence[str] = ("data",),
                                   score_fn: ScoreFn | None = None,
-                                  score_params: Any = None) -> jax.Array:
+                                  score_params: Any = None,
+                                  valid: jax.Array | None = None) -> jax.Array:
   """Ring form: rows stay on their device, column blocks travel around the ring.
 
   Equal in value and gradients to `pairwise_sigmoid_loss` on the gathered
@@ -297,36 +348,41 @@ def sharded_pairwise_sigmoid_loss(x: Any, y: Any, log_t: jax.Array, b: jax.Array
     b: float[] bias (replicated).
     mesh: the device mesh.
     axis_names: the mesh axes the batch is split over, e.g. ("data", "fsdp").
-      N must be divisible by the product of their sizes.
+      Any N: when the product of their sizes does not divide it, N is padded
+      inside with masked rows.
     score_fn: `score_fn(score_params, rows, cols) -> float[r, c]`; None is the
       dot product.
     score_params: pytree passed to `score_fn` (replicated).
+    valid: optional bool[N], as in `pairwise_sigmoid_loss`.
 
   Returns:
     float32 scalar loss.
   """
   axis_names = tuple(axis_names)
   local = lambda *a: _ring_local(*a, axis_names=axis_names)
-  return _sharded(local, x, y, log_t, b, score_fn, score_params, mesh, axis_names,
+  return _sharded(local, x, y, log_t, b, score_fn, score_params, valid, mesh, axis_names,
                   "sharded_pairwise_sigmoid_loss")
 
 
 def _allgather_local(x_loc, y_loc, log_t, b, params, score_fn, n_loc, devices, axis_names):
+  (x_items, x_valid), (y_items, y_valid) = x_loc, y_loc
   me = jax.lax.axis_index(axis_names)
-  y_all = jax.tree.map(lambda a: jax.lax.all_gather(a, axis_names, tiled=True), y_loc)
-  s = score_fn(params, x_loc, y_all)
-  return _block_terms(s, log_t, b, me * n_loc + jnp.arange(n_loc), jnp.arange(n_loc * devices))
+  y_all, valid_all = jax.tree.map(lambda a: jax.lax.all_gather(a, axis_names, tiled=True),
+                                  (y_items, y_valid))
+  s = score_fn(params, x_items, y_all)
+  return _block_terms(s, log_t, b, me * n_loc + jnp.arange(n_loc), jnp.arange(n_loc * devices),
+                      x_valid, valid_all)
 
 
 def reference_allgather_pairwise_sigmoid_loss(
     x: Any, y: Any, log_t: jax.Array, b: jax.Array, *, mesh: jax.sharding.Mesh,
     axis_names: Sequence[str] = ("data",), score_fn: ScoreFn | None = None,
-    score_params: Any = None) -> jax.Array:
+    score_params: Any = None, valid: jax.Array | None = None) -> jax.Array:
   """The PyTorch reference strategy, for comparison: all-gather every column
   item, then score the local rows against all N columns at once
   (O(N/d * N) pairs per device). Same arguments and result as
   `sharded_pairwise_sigmoid_loss`."""
   axis_names = tuple(axis_names)
   local = lambda *a: _allgather_local(*a, axis_names=axis_names)
-  return _sharded(local, x, y, log_t, b, score_fn, score_params, mesh, axis_names,
+  return _sharded(local, x, y, log_t, b, score_fn, score_params, valid, mesh, axis_names,
                   "reference_allgather_pairwise_sigmoid_loss")

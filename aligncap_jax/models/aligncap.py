@@ -159,8 +159,9 @@ class AlignCap(nn.Module):
     _, pooled = self.clip_text(tag_clip_tokens, tag_clip_mask)
     return jax.lax.stop_gradient(pooled.astype(jnp.float32))
 
-  def _pairwise(self, scorer, rows, row_mask, cols, log_t, b):
-    """Pairwise sigmoid loss over the global batch in the configured form."""
+  def _pairwise(self, scorer, rows, row_mask, cols, log_t, b, valid):
+    """Pairwise sigmoid loss over the global batch in the configured form; padding
+    regions (valid == 0) take part in no pair."""
     m = self.config.model
     if m.similarity == "dot":
       w = row_mask[..., None].astype(rows.dtype)
@@ -188,10 +189,11 @@ class AlignCap(nn.Module):
                          "run under jax.set_mesh(mesh)")
       return losses_lib.sharded_pairwise_sigmoid_loss(
           x, y, log_t, b, mesh=mesh, axis_names=axes, score_fn=score_fn,
-          score_params=score_params)
+          score_params=score_params, valid=valid)
     block = m.pairwise_block_size if m.pairwise_form == "chunked" else None
     return losses_lib.pairwise_sigmoid_loss(x, y, log_t, b, block_size=block,
-                                            score_fn=score_fn, score_params=score_params)
+                                            score_fn=score_fn, score_params=score_params,
+                                            valid=valid)
 
   # ------------------------------------------------------------------ training
   def __call__(self, batch, tag_embeddings, *, train: bool = False):
@@ -224,7 +226,7 @@ class AlignCap(nn.Module):
     cond_cols = self.cond_caption_proj(jax.lax.stop_gradient(clip_pooled).astype(cond_rows.dtype))
     loss_cond = self._pairwise(getattr(self, "cond_scorer", None), cond_rows,
                                jnp.ones(cond_rows.shape[:2], bool), cond_cols,
-                               self.cond_log_t, self.cond_b)
+                               self.cond_log_t, self.cond_b, batch["valid"])
 
     # L_multi: LLM encoder input vs mean LLM input embedding of the caption.
     multi_rows = self.multi_region_proj(enc_in)
@@ -234,7 +236,7 @@ class AlignCap(nn.Module):
     multi_cols = self.multi_caption_proj(cap_mean.astype(multi_rows.dtype))
     loss_multi = self._pairwise(getattr(self, "multi_scorer", None), multi_rows,
                                 enc_mask.astype(bool), multi_cols,
-                                self.multi_log_t, self.multi_b)
+                                self.multi_log_t, self.multi_b, batch["valid"])
 
     loss = (lc.alpha * loss_tag + lc.beta * loss_cap + lc.gamma * loss_cond
             + lc.lambda_ * loss_multi)
