@@ -11,6 +11,17 @@ thread per participant until all N arrive, so a single pool thread busy with
 other work leaves the last participant waiting for a thread that never frees:
 the run deadlocks in the rendezvous with the CPU idle. Sizing the pools well above
 the device count leaves that slack.
+
+Evidence (2026-12-02, tests/test_train_real_model.py, jaxlib 0.10.2, 2 cores, 8
+fake devices, PJRT_NPROC=8): a stalled process had exactly 8 `tf_XLAEigen` threads,
+every one blocked in `xla::internal::AwaitAndLogIfStuck` inside an AllGather or
+AllToAll thunk: two all-gathers over device pairs {0,1} and {6,7} (op 6), two
+all-to-alls over the same pairs (op 290) and four all-gathers over all 8 devices
+(op 360). One device program runs independent thunks concurrently, so a device had
+3 collectives in flight at once, each holding a pool thread while it waits; with
+all 8 threads waiting, the partners' thunks were queued with no thread to run them.
+Hence 8 threads per fake device: room for every device to hold several blocked
+collectives and still run the thunks that release them.
 """
 from __future__ import annotations
 
@@ -19,8 +30,8 @@ import re
 
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
 # Threads per fake device in XLA's CPU pools (PJRT_NPROC); see the module docstring.
-THREADS_PER_DEVICE = 4
-MIN_THREADS = 32
+THREADS_PER_DEVICE = 8
+MIN_THREADS = 64
 
 
 def requested_devices(xla_flags: str | None = None) -> int:
