@@ -142,12 +142,166 @@ def test_chunked_and_ring_forms_equal_dense_with_the_papers_scorer():
       assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * max(float(jnp.max(jnp.abs(b))), 1e-6) + 1e-7
 
 
+# A pre-tokenised tag table (vocabulary order) with distinct ids, and the
+# prompt's separators; with at most 6 tags the prompt stays under max_prompt_tokens.
+TAG_TOKENS = [[11], [12, 13], [14], [15, 16], [17], [18]]
+COMMA, BAR = 3, 4
+
+
+def tag_table(c):
+  tokens = np.zeros((V, max(map(len, TAG_TOKENS))), np.int32)
+  for v, ids in enumerate(TAG_TOKENS):
+    tokens[v, :len(ids)] = ids
+  return {"tokens": tokens, "lens": np.asarray([len(t) for t in TAG_TOKENS], np.int32),
+          "comma_id": np.asarray(COMMA, np.int32), "bar_id": np.asarray(BAR, np.int32),
+          "eos_id": np.asarray(c.model.llm.eos_token_id, np.int32)}
+
+
+def expected_prompt(c, tag_probs, threshold):
+  """Section 3's prompt written out: the tags with sigmoid > threshold in vocabulary
+  order, ',' between them, then '|' and EOS (no tags: '|' and EOS); right-padded."""
+  n = c.data.max_prompt_tokens
+  tokens = np.zeros((len(tag_probs), n), np.int32)
+  for row, p in enumerate(np.asarray(tag_probs)):
+    words = [TAG_TOKENS[v] for v in range(V) if p[v] > threshold]
+    ids = [i for w in words for i in w + [COMMA]][:-1] + [BAR, c.model.llm.eos_token_id]
+    assert len(ids) < n
+    tokens[row, :len(ids)] = ids
+  return tokens, (tokens != 0).astype(np.int32)
+
+
+def threshold_between(tag_probs):
+  """A threshold half-way between the two middle probabilities, so that rows select
+  different tags and no probability sits within float32 noise of it."""
+  p = np.sort(np.asarray(tag_probs).ravel())
+  lo, hi = p[len(p) // 2 - 1], p[len(p) // 2]
+  assert hi - lo > 1e-5, (lo, hi)
+  return float(lo + hi) / 2
+
+
+def generate_fn(model, te, table, **kw):
+  return jax.jit(lambda p, b: model.apply({"params": p}, b, te, table,
+                                          method=aligncap.AlignCap.generate, **kw))
+
+
+def greedy_by_training_forward(model, params, batch, te, prompt, prompt_mask, steps,
+                               repetition_penalty=1.0):
+  """Greedy decoding by the training forward fed its own output.
+
+  Step i runs `caption_logits` (the logits L_cap scores) on the batch with the
+  given prompt and the i tokens generated so far as caption, and takes the argmax
+  at caption slot i (after the repetition penalty on the ids generated so far, if
+  any). Returns (tokens int32[B, steps], padded after EOS as `generate` does; the
+  smallest gap between the best and second-best score of any step).
+  """
+  llm = model.config.model.llm
+  f = jax.jit(lambda p, b: model.apply({"params": p}, b,
+                                       method=aligncap.AlignCap.caption_logits))
+  b, t = prompt.shape[0], model.config.data.max_caption_tokens
+  tokens = np.full((b, t), llm.pad_token_id, np.int32)
+  done = np.zeros(b, bool)
+  margin = np.inf
+  for i in range(steps):
+    cap_mask = np.broadcast_to((np.arange(t) < i).astype(np.int32), (b, t))
+    logits = np.array(f(params, {**batch, "prompt_tokens": prompt, "prompt_mask": prompt_mask,
+                                 "caption_tokens": tokens, "caption_mask": cap_mask})[:, i])
+    for r in range(b):
+      for tok in set(tokens[r, :i].tolist()):
+        logits[r, tok] = (logits[r, tok] * repetition_penalty if logits[r, tok] < 0
+                          else logits[r, tok] / repetition_penalty)
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    margin = min([margin] + list(top2[~done, 1] - top2[~done, 0]))
+    tokens[:, i] = np.where(done, llm.pad_token_id, logits.argmax(-1))
+    done |= tokens[:, i] == llm.eos_token_id
+  return tokens[:, :steps], margin
+
+
+# The KV-cached decode and the full forward differ in float32 rounding only:
+# ~1e-6 relative through a few width-32 layers, on logits of O(1) and attention
+# scores of O(10) (the sharpened ones below), so ~1e-5 at worst. An argmax
+# comparison is meaningful (and CPU-independent) when every step's best score leads
+# the second by more than this.
+ARGMAX_MARGIN = 1e-4
+
+
+def scale_projections(params, factors, within=None):
+  """Multiplies the kernels (and biases) of the named projections, e.g. {"o": 10.0},
+  optionally only below a module named `within`."""
+  hits = []
+
+  def scale(path, x):
+    keys = [getattr(k, "key", None) for k in path]
+    if len(keys) > 1 and keys[-2] in factors and (within is None or within in keys):
+      hits.append(keys)
+      return x * factors[keys[-2]]
+    return x
+
+  params = jax.tree_util.tree_map_with_path(scale, params)
+  assert hits, (factors, within)
+  return params
+
+
 def test_generate_shapes_and_prompt_from_predicted_tags(base):
   c, batch, model, params, te = base
-  _, _, table = aligncap.dummy_tag_inputs(c, V)
-  out = jax.jit(lambda p, b: model.apply({"params": p}, b, te, table,
-                                         method=aligncap.AlignCap.generate, num_beams=2,
-                                         max_new_tokens=5))(params, batch)
+  # T5's init (projections std 0.02, embeddings std 1) leaves the tiny decoder deaf
+  # to its encoder: every region would decode the same caption whatever its prompt.
+  params = {**params, "llm": scale_projections(params["llm"], {"v": 10.0, "o": 10.0},
+                                               within="cross_attn")}
+  table = tag_table(c)
+  out = generate_fn(model, te, table, num_beams=2, max_new_tokens=5)(params, batch)
   assert out["tokens"].shape == (8, 5) and out["tokens"].dtype == jnp.int32
   assert out["scores"].shape == (8,) and np.all((out["scores"] > 0) & (out["scores"] <= 1))
   assert out["tag_probs"].shape == (8, V)
+
+  # The prompt decoded from holds the tags whose sigmoid exceeds the threshold.
+  threshold = threshold_between(out["tag_probs"])
+  steps = 6
+  results = {}
+  for name, thr in (("predicted", threshold), ("no tags", 1.01)):
+    m = aligncap.build_model(tiny_config(pairwise_form="dense", tag_threshold=thr), V)
+    got = generate_fn(m, te, table, num_beams=1, max_new_tokens=steps, min_length=0,
+                      repetition_penalty=1.0)(params, batch)
+    want_prompt, want_mask = expected_prompt(c, got["tag_probs"], thr)
+    np.testing.assert_array_equal(got["prompt_tokens"], want_prompt, err_msg=name)
+    np.testing.assert_array_equal(got["prompt_mask"], want_mask, err_msg=name)
+    # ... and it is the prompt the captions were decoded from.
+    want, margin = greedy_by_training_forward(m, params, batch, te, want_prompt, want_mask,
+                                              steps)
+    assert margin > ARGMAX_MARGIN, (name, margin)
+    np.testing.assert_array_equal(got["tokens"], want, err_msg=name)
+    results[name] = got
+  # Rows selected different numbers of tags; above 1 no tag is selected.
+  assert len(set(results["predicted"]["prompt_mask"].sum(1).tolist())) > 1
+  assert np.all(results["no tags"]["prompt_mask"].sum(1) == 2)
+  assert not np.array_equal(results["predicted"]["tokens"], results["no tags"]["tokens"])
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 3.0])
+def test_decoder_only_greedy_equals_training_forward_argmax(repetition_penalty):
+  """Llama-family LLM, prompts shorter than max_prompt_tokens (right-padded in the
+  batch): decoding gives every token the position and attention it has in training."""
+  c = tiny_config(pairwise_form="dense")
+  c.model.llm.update(family="llama", num_layers=2, num_key_value_heads=2,
+                     attention_bias=True, tie_word_embeddings=False)
+  batch = make_batch(c)
+  model, params, te = init(c, batch)
+  # With projections of std 0.02 attention is near uniform, so positions would hardly
+  # matter; sharpen it (scores x400) and spread the logits (x10).
+  params = {**params, "llm": scale_projections(
+      params["llm"], {"q_proj": 20.0, "k_proj": 20.0, "lm_head": 10.0})}
+  table = tag_table(c)
+  steps = 8
+  probs = generate_fn(model, te, table, num_beams=1, max_new_tokens=1)(params, batch)[
+      "tag_probs"]
+  c.model.tag_threshold = threshold_between(probs)
+  model = aligncap.build_model(c, V)
+  got = generate_fn(model, te, table, num_beams=1, max_new_tokens=steps, min_length=0,
+                    repetition_penalty=repetition_penalty)(params, batch)
+  prompt, prompt_mask = expected_prompt(c, got["tag_probs"], c.model.tag_threshold)
+  np.testing.assert_array_equal(got["prompt_tokens"], prompt)
+  lens = prompt_mask.sum(1)
+  assert np.all(lens < c.data.max_prompt_tokens) and len(set(lens.tolist())) > 1
+  want, margin = greedy_by_training_forward(model, params, batch, te, prompt, prompt_mask,
+                                            steps, repetition_penalty)
+  assert margin > ARGMAX_MARGIN, margin
+  np.testing.assert_array_equal(got["tokens"], want)

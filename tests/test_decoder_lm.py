@@ -9,7 +9,7 @@ from flax import linen as nn
 
 from aligncap_jax.config import base_config
 from aligncap_jax.models.decoder_lm import DecoderLM, DecoderLMConfig, apply_rope
-from aligncap_jax.models.decoder_lm import rope_positions
+from aligncap_jax.models.decoder_lm import left_pad, rope_positions
 from aligncap_jax.models.t5 import attend, stack_layers
 
 ALLOWED_AXES = {"batch", "length", "embed", "mlp", "heads", "kv", "vocab", "layers",
@@ -50,6 +50,17 @@ def test_gqa_attend_matches_loop():
 def test_positions_follow_hf_generation():
   mask = jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]])
   np.testing.assert_array_equal(rope_positions(mask), [[0, 0, 0, 1], [0, 1, 2, 3]])
+
+
+def test_left_pad_moves_padding_to_the_front_in_order():
+  mask = jnp.array([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1], [0, 1, 0, 1, 1]])
+  x = jnp.arange(15, dtype=jnp.float32).reshape(3, 5)[..., None] * jnp.ones((1, 1, 2))
+  got_x, got_mask = left_pad(x, mask)
+  np.testing.assert_array_equal(got_mask, [[0, 0, 1, 1, 1], [1] * 5, [0, 0, 1, 1, 1]])
+  np.testing.assert_array_equal(got_x[..., 0], [[2, 4, 0, 1, 3], [5, 6, 7, 8, 9],
+                                                [10, 12, 11, 13, 14]])
+  # Real tokens now have the positions 0..n-1 in their original order.
+  np.testing.assert_array_equal(rope_positions(got_mask)[0], [0, 0, 0, 1, 2])
 
 
 def _setup(config):

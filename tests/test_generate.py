@@ -47,11 +47,16 @@ def _full_logits(model, params, embeds, mask, generated):
   return model.apply({"params": params}, x, full_mask)[:, -1]
 
 
-def _greedy_reference(model, params, embeds, mask, penalty):
-  """HF greedy, written as a plain loop (T5: start token counts for the penalty)."""
+def _greedy_reference(model, params, embeds, mask, penalty, skip_padding=True):
+  """HF greedy, written as a plain loop (T5: start token counts for the penalty).
+
+  Decoder-only: the penalty skips the first n_pad generated ids (HF) unless
+  `skip_padding` is False.
+  """
   bsz = embeds.shape[0]
   seen_start = 0 if isinstance(model, T5) else None
-  ignore = np.zeros(bsz, int) if isinstance(model, T5) else np.argmax(np.asarray(mask), 1)
+  skip = skip_padding and not isinstance(model, T5)
+  ignore = np.argmax(np.asarray(mask), 1) if skip else np.zeros(bsz, int)
   generated = np.zeros((bsz, 0), np.int32)
   done = np.zeros(bsz, bool)
   for _ in range(N):
@@ -76,6 +81,19 @@ def test_greedy_matches_plain_loop(build):
   np.testing.assert_array_equal(got, want)
   assert got.shape == (3, N) and got.dtype == jnp.int32
   assert np.all((scores > 0) & (scores <= 1))
+
+
+def test_decoder_only_penalty_on_every_generated_id():
+  """`penalty_skips_padding=False`: the left padding of a row exempts none of its ids."""
+  model, params, embeds, mask = _dlm()
+  want = _greedy_reference(model, params, embeds, mask, 3.0, skip_padding=False)
+  got, _ = generate(model, params, inputs_embeds=embeds, attention_mask=mask, num_beams=1,
+                    max_new_tokens=N, repetition_penalty=3.0, eos_token_id=EOS,
+                    pad_token_id=PAD, penalty_skips_padding=False)
+  np.testing.assert_array_equal(got, want)
+  # The case tells the two rules apart: HF's rule decodes other sequences here
+  # (rows 1 and 2 repeat their first id; 1.5 is too weak for this model to differ).
+  assert not np.array_equal(want, _greedy_reference(model, params, embeds, mask, 3.0))
 
 
 @pytest.mark.parametrize("build", [_t5, _dlm])

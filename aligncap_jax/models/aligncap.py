@@ -154,6 +154,32 @@ class AlignCap(nn.Module):
                             prompt_mask.astype(jnp.int32)], axis=1)
     return x, mask
 
+  def _caption_logits(self, enc_in, enc_mask, cap, cap_mask):
+    """Teacher-forced LLM logits float[B, T, V]: logits[:, t] predicts cap[:, t].
+
+    Decoder-only: the prefix is left-padded first (`decoder_lm.left_pad`), as
+    `generate` gets it, so the first caption token is predicted from the last
+    real prefix token and every caption token has the position it has in
+    decoding (cumsum of the mask).
+    """
+    m = self.config.model
+    fdt = jnp.dtype(m.frozen_dtype)
+    if m.llm.family == "t5":
+      start = jnp.full((cap.shape[0], 1), m.llm.decoder_start_token_id, cap.dtype)
+      dec_in = jnp.concatenate([start, cap[:, :-1]], axis=1)
+      return self.llm(enc_in.astype(fdt), enc_mask, dec_in)
+    prefix, prefix_mask = decoder_lm_lib.left_pad(enc_in.astype(fdt), enc_mask)
+    full = jnp.concatenate([prefix, self.llm.embed(cap).astype(fdt)], axis=1)
+    full_mask = jnp.concatenate([prefix_mask, cap_mask.astype(jnp.int32)], axis=1)
+    return self.llm(full, full_mask)[:, prefix.shape[1] - 1:-1]
+
+  def caption_logits(self, batch):
+    """The logits L_cap scores (no dropout), from the batch's own prompt: float[B, T, V]."""
+    latents = self._region_latents(batch, True)
+    enc_in, enc_mask = self._encoder_input(latents, batch["prompt_tokens"], batch["prompt_mask"])
+    return self._caption_logits(enc_in, enc_mask, batch["caption_tokens"],
+                                batch["caption_mask"])
+
   def encode_tags(self, tag_clip_tokens, tag_clip_mask):
     """The frozen CLIP text encoder's pooled output for every tag: float32[V, Dclip]."""
     _, pooled = self.clip_text(tag_clip_tokens, tag_clip_mask)
@@ -198,7 +224,7 @@ class AlignCap(nn.Module):
   # ------------------------------------------------------------------ training
   def __call__(self, batch, tag_embeddings, *, train: bool = False):
     """All four losses of Eq. 1. Returns (loss, metrics dict of float32 scalars)."""
-    lc, m = self.config.loss, self.config.model
+    lc = self.config.loss
     deterministic = not train
     valid = batch["valid"].astype(jnp.float32)
     latents = self._region_latents(batch, deterministic)
@@ -209,15 +235,7 @@ class AlignCap(nn.Module):
 
     enc_in, enc_mask = self._encoder_input(latents, batch["prompt_tokens"], batch["prompt_mask"])
     cap, cap_mask = batch["caption_tokens"], batch["caption_mask"] * batch["valid"][:, None]
-    fdt = jnp.dtype(m.frozen_dtype)
-    if m.llm.family == "t5":
-      start = jnp.full((cap.shape[0], 1), m.llm.decoder_start_token_id, cap.dtype)
-      dec_in = jnp.concatenate([start, cap[:, :-1]], axis=1)
-      logits = self.llm(enc_in.astype(fdt), enc_mask, dec_in)
-    else:
-      full = jnp.concatenate([enc_in.astype(fdt), self.llm.embed(cap).astype(fdt)], axis=1)
-      full_mask = jnp.concatenate([enc_mask, batch["caption_mask"].astype(jnp.int32)], axis=1)
-      logits = self.llm(full, full_mask)[:, enc_in.shape[1] - 1:-1]
+    logits = self._caption_logits(enc_in, enc_mask, cap, batch["caption_mask"])
     loss_cap, _ = losses_lib.caption_cross_entropy(logits, cap, cap_mask)
 
     # L_cond: image-conditioned tag features vs CLIP features of the caption.
@@ -250,8 +268,12 @@ class AlignCap(nn.Module):
                repetition_penalty: float = 1.5):
     """Captions for a batch: predicted tags -> on-device prompt -> beam search.
 
+    Decoder-only LLMs get the prefix left-padded, as `_caption_logits` reads it
+    in training, and the repetition penalty on every generated id.
+
     Returns:
-      dict(tokens int32[B, max_new_tokens], scores float32[B], tag_probs float32[B, V]).
+      dict(tokens int32[B, max_new_tokens], scores float32[B], tag_probs float32[B, V],
+      prompt_tokens / prompt_mask int32[B, max_prompt_tokens]: the prompt decoded from).
     """
     m = self.config.model
     latents = self._region_latents(batch, True)
@@ -262,16 +284,21 @@ class AlignCap(nn.Module):
         tag_table["comma_id"], tag_table["bar_id"], tag_table["eos_id"],
         self.config.data.max_prompt_tokens)
     enc_in, enc_mask = self._encoder_input(latents, prompt, pmask)
+    enc_in = enc_in.astype(jnp.dtype(m.frozen_dtype))
+    if m.llm.family != "t5":
+      enc_in, enc_mask = decoder_lm_lib.left_pad(enc_in, enc_mask)
     llm = self.llm.clone(parent=None)
     llm_params = self.llm.variables["params"]
     tokens, scores = generate_lib.generate(
-        llm, llm_params, inputs_embeds=enc_in.astype(jnp.dtype(m.frozen_dtype)),
+        llm, llm_params, inputs_embeds=enc_in,
         attention_mask=enc_mask, num_beams=num_beams, max_new_tokens=max_new_tokens,
         min_length=min_length, length_penalty=length_penalty,
         repetition_penalty=repetition_penalty, eos_token_id=m.llm.eos_token_id,
         pad_token_id=m.llm.pad_token_id,
-        decoder_start_token_id=m.llm.decoder_start_token_id if m.llm.family == "t5" else None)
-    return {"tokens": tokens, "scores": scores, "tag_probs": probs}
+        decoder_start_token_id=m.llm.decoder_start_token_id if m.llm.family == "t5" else None,
+        penalty_skips_padding=False)
+    return {"tokens": tokens, "scores": scores, "tag_probs": probs, "prompt_tokens": prompt,
+            "prompt_mask": pmask}
 
 
 def build_model(config, num_tags: int) -> AlignCap:

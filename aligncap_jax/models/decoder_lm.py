@@ -5,7 +5,7 @@ rotary position embeddings (`rope_theta`, rotate-half form), grouped-query
 attention, SiLU-gated MLP, optional q/k/v (Qwen2) or all-projection (Llama
 `attention_bias`) biases, tied or untied LM head. Positions follow Hugging Face
 generation: `cumsum(attention_mask) - 1` (0 on padding), so a prefix should be
-left-padded. Decoding uses a KV cache with a leading `layers` axis.
+left-padded (`left_pad`). Decoding uses a KV cache with a leading `layers` axis.
 """
 from __future__ import annotations
 
@@ -126,6 +126,26 @@ def rope_positions(attention_mask: Array) -> Array:
   """Hugging Face generation positions: cumsum(mask) - 1, 0 on padding. int32[B, L]."""
   m = attention_mask.astype(jnp.int32)
   return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+def left_pad(x: Array, attention_mask: Array) -> tuple[Array, Array]:
+  """Moves each row's padding to the front; the real tokens keep their order.
+
+  A prefix laid out like this reads the same in training and in decoding: its
+  last slot holds its last real token (whose logits predict the first new
+  token), and `rope_positions` numbers the tokens after it on from the prefix's
+  real length, as Hugging Face generation does.
+
+  Args:
+    x: float[B, L, D] prefix embeddings.
+    attention_mask: int/bool[B, L], any pattern of padding.
+
+  Returns:
+    (float[B, L, D], int32[B, L]): both permuted row by row.
+  """
+  order = jnp.argsort((attention_mask != 0).astype(jnp.int32), axis=1, stable=True)
+  return (jnp.take_along_axis(x, order[..., None], axis=1),
+          jnp.take_along_axis(attention_mask.astype(jnp.int32), order, axis=1))
 
 
 def apply_rope(x: Array, positions: Array, theta: float) -> Array:

@@ -17,9 +17,11 @@ counts towards `min_length` and the repetition penalty, exactly as in HF.
 Decoder-only (`DecoderLM`) with a prefix of embeddings: only generated ids count,
 and HF's repetition penalty also skips the first `n_pad` generated ids of a row
 whose prefix has `n_pad` leading padding positions (its `prompt_ignore_length`
-applied to ids that hold no prompt); HF lowers `min_length` by the prefix length
+applied to ids that hold no prompt; `penalty_skips_padding=False` penalises
+every generated id instead); HF lowers `min_length` by the prefix length
 (`max(min_length - L, 0)`). We do the same. The prefix should be left-padded
-(HF positions are `cumsum(mask) - 1`).
+(`decoder_lm.left_pad`): as in HF, the first new token is predicted from the
+last slot and gets position `positions[:, -1] + 1`.
 
 Everything has static shapes; the loop is a `lax.while_loop` that exits when
 every batch item is done.
@@ -259,13 +261,14 @@ def _pad_after_eos(tokens: Array, eos_token_id: int, pad_token_id: int) -> Array
 
 @functools.partial(jax.jit, static_argnames=(
     "model", "num_beams", "max_new_tokens", "min_length", "length_penalty",
-    "repetition_penalty", "eos_token_id", "pad_token_id", "decoder_start_token_id"))
+    "repetition_penalty", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+    "penalty_skips_padding"))
 def generate(model: T5 | DecoderLM, params, *, inputs_embeds: Array,
              attention_mask: Array, num_beams: int = 2, max_new_tokens: int = 20,
              min_length: int = 1, length_penalty: float = 0.0,
              repetition_penalty: float = 1.5, eos_token_id: int,
-             pad_token_id: int, decoder_start_token_id: int | None = None
-             ) -> tuple[Array, Array]:
+             pad_token_id: int, decoder_start_token_id: int | None = None,
+             penalty_skips_padding: bool = True) -> tuple[Array, Array]:
   """Decodes a batch with Hugging Face `generate` semantics (see module doc).
 
   Args:
@@ -281,6 +284,9 @@ def generate(model: T5 | DecoderLM, params, *, inputs_embeds: Array,
     eos_token_id: the one end-of-sequence id.
     pad_token_id: fills the tokens after EOS.
     decoder_start_token_id: T5 only (default: the model config's).
+    penalty_skips_padding: decoder-only: True (HF) exempts a row's first n_pad
+      generated ids from the repetition penalty, n_pad its prefix's leading
+      padding; False penalises every generated id.
 
   Returns:
     tokens int32[B, N] (pad after the first EOS) and scores float32[B]: exp of
@@ -305,7 +311,10 @@ def generate(model: T5 | DecoderLM, params, *, inputs_embeds: Array,
     stepper = _decoder_lm_stepper(model, params, inputs_embeds, attention_mask, copies,
                                   max_new_tokens)
     eff_min = max(min_length - plen, 0)
-    ignore = _repeat(jnp.argmax(attention_mask != 0, axis=1).astype(jnp.int32), copies)
+    if penalty_skips_padding:
+      ignore = _repeat(jnp.argmax(attention_mask != 0, axis=1).astype(jnp.int32), copies)
+    else:
+      ignore = jnp.zeros((bsz * copies,), jnp.int32)
   else:
     raise TypeError(f"generate: model must be T5 or DecoderLM, got {type(model).__name__}")
   kw = dict(repetition_penalty=repetition_penalty, min_length=eff_min,
