@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
       pairwise_block_size=16,
       tag_threshold=0.7,
       train_query_tokens=False,       # frozen, as in the reference (DESIGN.md section 10)
+      # Departure from the paper (DESIGN.md section 10): mark the target box in every
+      # view's patch embeddings with a learned vector (zero-init, trainable), so
+      # context views tell the captioner which object is the target and where.
+      target_box_prompt=False,
       dtype="float32",                # activations of the trainable blocks
       frozen_dtype="bfloat16",        # frozen towers' params and activations
       remat=True,                     # rematerialise transformer layers
@@ -118,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.trainable = [
       r"^cross_view/", r"^view_fusion/", r"^qformer/",
       r"^language_projection/", r"^tagging/", r"^cond_", r"^multi_",
-      r"^prompt_vector$",
+      r"^prompt_vector$", r"^target_embedding$",
   ]
 
   # ---------------------------------------------------------------- loss
@@ -162,6 +166,12 @@ def base_config() -> ml_collections.ConfigDict:
       detection_score="detection",    # detection | detection_x_caption (x the caption's score)
       iou_convention="plus_one",      # plus_one (the Lua reference) | continuous
   )
+
+  # ---------------------------------------------------------------- serve
+  # `Captioner` and `--mode serve`: padded batch buckets dp * 2^k up to max_batch
+  # regions are compiled at load; the server collects requests for max_wait_ms.
+  c.serve = _cd(max_batch=32, max_wait_ms=5.0, max_queue=64, max_boxes=16,
+                max_bytes=8 * 1024 * 1024)
 
   # ---------------------------------------------------------------- mesh
   c.mesh = _cd(data=-1, fsdp=1, tensor=1)   # -1: all remaining devices
@@ -242,3 +252,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"must be 'detection' or 'detection_x_caption', got {e.detection_score!r}")
   need(e.iou_convention in ("plus_one", "continuous"), "eval.iou_convention",
        f"must be 'plus_one' or 'continuous', got {e.iou_convention!r}")
+  s = config.serve
+  for field in ("max_batch", "max_queue", "max_boxes", "max_bytes"):
+    need(s[field] >= 1, f"serve.{field}", f"must be >= 1, got {s[field]}")
+  need(s.max_wait_ms >= 0, "serve.max_wait_ms", f"must be >= 0, got {s.max_wait_ms}")

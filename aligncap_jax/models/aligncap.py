@@ -74,6 +74,14 @@ class AlignCap(nn.Module):
     fdt = jnp.dtype(m.frozen_dtype)
     self.vision = vit_lib.VisionTransformer(
         _tower_config(vit_lib.VisionConfig, m.vision, m), dtype=fdt, param_dtype=fdt)
+    if m.target_box_prompt:
+      # Departure (DESIGN.md section 10): a learned vector added to the ViT's patch
+      # embeddings in proportion to how much of each patch the target box covers,
+      # in every view, so a context view says which object is the target and where.
+      # Zero at init: a frozen pretrained tower starts out unchanged.
+      self.target_embedding = self.param(
+          "target_embedding", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+          (m.vision.hidden_size,), pdt)
     self.qformer = qformer_lib.QFormer(
         _tower_config(qformer_lib.QFormerConfig, m.qformer, m), dtype=dt, param_dtype=pdt)
     self.clip_text = clip_text_lib.CLIPTextEncoder(
@@ -120,10 +128,15 @@ class AlignCap(nn.Module):
     x = (x - jnp.asarray(mean)) / jnp.asarray(std)
     x = x.reshape((b * j, s, s, 3))
     x = nn.with_logical_constraint(x, ("batch", None, None, None))
-    tokens = self.vision(x.astype(jnp.dtype(m.frozen_dtype)), deterministic=deterministic)
-    tokens = tokens.astype(jnp.dtype(m.dtype))
     patch = m.vision.patch_size
     g = s // patch
+    patch_bias = None
+    if m.target_box_prompt:
+      cover = ops.box_coverage(batch["view_boxes"].reshape((b * j, 4)), g, float(patch))
+      patch_bias = cover[..., None] * self.target_embedding.astype(jnp.float32)
+    tokens = self.vision(x.astype(jnp.dtype(m.frozen_dtype)), deterministic=deterministic,
+                         patch_bias=patch_bias)
+    tokens = tokens.astype(jnp.dtype(m.dtype))
     cls, grid = tokens[:, :1], tokens[:, 1:].reshape((b * j, g, g, tokens.shape[-1]))
     boxes = batch["view_boxes"].reshape((b * j, 1, 4)).astype(jnp.float32)
     pooled = ops.roi_align(grid, boxes, m.roi_output_size, 1.0 / patch,

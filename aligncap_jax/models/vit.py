@@ -374,13 +374,17 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, pixel_values: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, pixel_values: jax.Array, deterministic: bool = True,
+               patch_bias: jax.Array | None = None) -> jax.Array:
     """Encodes images.
 
     Args:
       pixel_values: float[B, S, S, 3], NHWC, already normalised; S must be the
         native `config.image_size`.
       deterministic: unused (the towers have no dropout); kept for a uniform API.
+      patch_bias: optional float[B, (S / patch)^2, C] added to the patch
+        embeddings (row-major grid) before the class token and the position
+        embeddings: how a caller marks image areas (AlignCap's target-box prompt).
 
     Returns:
       float[B, 1 + (S / patch)^2, C]: HF `last_hidden_state` (blip2 includes
@@ -404,6 +408,10 @@ class VisionTransformer(nn.Module):
         bias_init=_logical(nn.initializers.zeros, ("embed",)),
         name="patch_embed", **kw)(pixel_values.astype(self.dtype))
     x = x.reshape(b, -1, cfg.hidden_size)
+    if patch_bias is not None:
+      if patch_bias.shape != x.shape:
+        raise ValueError(f"patch_bias must be {x.shape}, got {patch_bias.shape}")
+      x = x + patch_bias.astype(self.dtype)
     num_pos = x.shape[1] + (cfg.family != "siglip")
     if cfg.family != "siglip":
       cls_token = self.param("cls_token", _logical(nn.initializers.normal(0.02), ("embed",)),

@@ -140,3 +140,27 @@ def roi_align(features: jax.Array, boxes: jax.Array,
   rows = jnp.einsum("bkph,bhwc->bkpwc", wy.astype(features.dtype), features, precision=hp)
   out = jnp.einsum("bkqw,bkpwc->bkpqc", wx.astype(features.dtype), rows, precision=hp)
   return out.astype(features.dtype)
+
+
+def box_coverage(boxes: jax.Array, grid_size: int, cell_size: float) -> jax.Array:
+  """The fraction of each grid cell that a box covers.
+
+  Args:
+    boxes: float[N, 4] boxes `x1, y1, x2, y2` in pixels.
+    grid_size: g; the grid has g x g cells of `cell_size` pixels (a ViT's patches).
+    cell_size: pixels per cell side.
+
+  Returns:
+    float32[N, g * g] in [0, 1], cells in row-major order (as a ViT's patch tokens).
+  """
+  boxes = boxes.astype(jnp.float32)
+  edges = jnp.arange(grid_size, dtype=jnp.float32) * cell_size
+
+  def overlap(lo, hi):   # [N] box extent on one axis -> [N, g] covered fraction
+    start = jnp.maximum(lo[:, None], edges[None])
+    end = jnp.minimum(hi[:, None], edges[None] + cell_size)
+    return jnp.clip(end - start, 0.0, cell_size) / cell_size
+
+  fx = overlap(boxes[:, 0], boxes[:, 2])
+  fy = overlap(boxes[:, 1], boxes[:, 3])
+  return (fy[:, :, None] * fx[:, None, :]).reshape((boxes.shape[0], grid_size * grid_size))
