@@ -18,12 +18,13 @@ setuptools.setup(
     long_description=(_HERE / "README.md").read_text() if (_HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["aligncap_jax", "aligncap_jax.*"]),
-    package_data={"aligncap_jax": ["data/**/*.txt", "data/**/*.md"]},
+    package_data={"aligncap_jax": ["data/**/*.txt", "data/**/*.md", "serve/*.html"]},
     python_requires=">=3.11",
     install_requires=_pinned(),
     extras_require={
         # Parity tests against the PyTorch reference (CPU wheel; never torchvision).
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0"],
+        # The browser test drives Debian's chromium (never a downloaded browser).
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "playwright==1.65.2"],
         # The TPU compiler, for `--mode aot --aot_topology v5e:2x4` without a TPU.
         "tpu": ["jax[tpu]==0.10.2"],
         # TFDS's Beam path for dataset builds past one machine (own venv: pins older protobuf).

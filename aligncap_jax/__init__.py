@@ -5,6 +5,7 @@ The public API is imported lazily, on first use, so that `import aligncap_jax`
 TensorFlow:
 
   train_and_evaluate(config, workdir)     --mode train
+  Captioner.load(path, config).caption(image, boxes)   --mode predict / serve
   Evaluator, make_mesh, StateFactory, make_train_step, abstract_train_state,
   Checkpointer, CheckpointError
 
@@ -21,6 +22,7 @@ from typing import Any
 
 _EXPORTS = {
     "train_and_evaluate": "aligncap_jax.train",
+    "Captioner": "aligncap_jax.captioner",
     "Evaluator": "aligncap_jax.evaluate",
     "make_mesh": "aligncap_jax.sharding",
     "StateFactory": "aligncap_jax.train_state",

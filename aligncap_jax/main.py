@@ -1,7 +1,7 @@
 """Entry point: parse flags, check the config, log devices, dispatch `--mode`.
 
   python -m aligncap_jax.main --config configs/synthetic.py --workdir DIR \
-      --mode train|eval|predict|prepare|god|describe|aot|export [--config.x=y ...]
+      --mode train|eval|predict|serve|prepare|god|describe|aot|export [--config.x=y ...]
 
 Configuration, workdir and input problems end in one line on stderr and exit
 code 2 (run with `--verbosity=1` to also log the traceback); a run stopped by
@@ -18,7 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-MODES = ("train", "eval", "predict", "prepare", "god", "describe", "aot", "export")
+MODES = ("train", "eval", "predict", "serve", "prepare", "god", "describe", "aot", "export")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/NAME.py[:arg]); override fields with --config.x=y.",
@@ -29,6 +29,8 @@ _IMAGE = flags.DEFINE_string("image", None, "predict: image file.")
 _BOX = flags.DEFINE_multi_string("box", [], "predict: x1,y1,x2,y2 in pixels (repeatable).")
 _DETECTIONS = flags.DEFINE_string("detections", None,
                                   "predict: COCO-results json of detections for context views.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on.")
+_PORT = flags.DEFINE_integer("port", 8080, "serve: TCP port (0: any free port, printed).")
 _AOT_TOPOLOGY = flags.DEFINE_string("aot_topology", "cpu:8", "aot: device topology.")
 _PUSH_TO_HUB = flags.DEFINE_string("push_to_hub", None, "export: Hugging Face repo id.")
 _COORDINATOR = flags.DEFINE_string(
@@ -38,7 +40,7 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
-_NEEDS_WORKDIR = ("train", "eval", "predict", "export")
+_NEEDS_WORKDIR = ("train", "eval", "predict", "serve", "export")
 
 
 def _fail(message: str, code: int) -> None:
@@ -61,6 +63,9 @@ def _dispatch(config, workdir: str | None, mode: str) -> None:
       raise ValueError("--mode predict needs --image PATH and at least one --box x1,y1,x2,y2")
     boxes = [predict.parse_box(b) for b in _BOX.value]
     predict.predict(config, workdir, _IMAGE.value, boxes, _DETECTIONS.value)
+  elif mode == "serve":
+    from aligncap_jax import serve  # pylint: disable=g-import-not-at-top
+    serve.serve(config, workdir, host=_HOST.value, port=_PORT.value)
   elif mode in ("prepare", "god"):
     from aligncap_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     pipeline.prepare(config, build_real=True)

@@ -82,13 +82,10 @@ class MetricsWriter:
     self.path = os.path.join(workdir, METRICS_FILE)
     self._tb = None
     if self.enabled:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      tf.config.set_visible_devices([], "GPU")
-      self._tf = tf
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-      # tf.summary.scalar needs the tensorboard package; write the same event.
-      self._meta = tf.compat.v1.SummaryMetadata(
-          plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
+      # tensorboardX writes the event files without TensorFlow (no TF import, no
+      # TF thread pools or GPU claims in the trainer process).
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -97,10 +94,8 @@ class MetricsWriter:
       f.write(json.dumps({"step": int(step), **scalars}) + "\n")
       f.flush()
       os.fsync(f.fileno())
-    with self._tb.as_default(step=int(step)):
-      for k, v in scalars.items():
-        self._tf.summary.write(k, self._tf.constant(v, self._tf.float32),
-                               metadata=self._meta)
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, float(v), int(step))
     self._tb.flush()
 
   def close(self) -> None:

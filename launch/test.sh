@@ -18,6 +18,16 @@ if [[ ! -f $stamp || setup.py -nt $stamp || requirements.lock -nt $stamp ]]; the
   .venv/bin/pip install -q -e ".[test,tpu]"
   touch "$stamp"
 fi
+# The browser test (tests/test_serve.py) drives Debian's chromium through Playwright,
+# never a downloaded browser; install it when missing (the test fails without it).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "[test.sh] installing chromium (apt-get) for the browser test"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+      >/tmp/aligncap_chromium_install.log 2>&1; then
+    echo "[test.sh] WARNING: could not install chromium (see /tmp/aligncap_chromium_install.log);" \
+         "the browser test will fail" >&2
+  fi
+fi
 export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
 # Most tests are bound by single-threaded XLA compiles: one pytest-xdist worker per
 # core, whole files per worker (module fixtures compile once). ALIGNCAP_TEST_WORKERS=0

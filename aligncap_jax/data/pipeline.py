@@ -656,27 +656,52 @@ def make_box_iterator(config, assets: Assets, split: str, targets: list[dict], *
 # ------------------------------------------------------------------ predict
 
 
-def _detections_to_objects(detections) -> list[dict]:
+def detections_to_objects(detections, name: str = "detections",
+                          entry: str = "{name}[{i}]") -> list[dict]:
+  """COCO-results detections -> GOD objects `{"label", "bbox" x1y1x2y2, "score"}`.
+
+  Args:
+    detections: a list of dicts with `bbox` [x, y, w, h] (finite, w and h > 0),
+      optional `score` (default 1) and `label`, `category_name` or `category_id`.
+    name: what to call the list in errors (a flag, a file or a request field).
+    entry: how to call entry i of it (`{name}`, `{i}`).
+
+  Raises:
+    ValueError: naming `name`, the entry's index and what is wrong with it.
+  """
+  if not isinstance(detections, (list, tuple)):
+    raise ValueError(f"{name}: expected a list of COCO-results detections, "
+                     f"got {type(detections).__name__}")
   objects = []
   for i, d in enumerate(detections):
+    where = entry.format(name=name, i=i)
+    if not isinstance(d, dict):
+      raise ValueError(f"{where}: expected an object with 'bbox', got {d!r}")
     try:
       x, y, w, h = (float(v) for v in d["bbox"])
     except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"detections[{i}]: needs 'bbox' [x, y, w, h], got {d!r}") from e
+      raise ValueError(f"{where}: needs 'bbox' [x, y, w, h], got {d!r}") from e
+    if not all(np.isfinite([x, y, w, h])) or w <= 0 or h <= 0:
+      raise ValueError(f"{where}: 'bbox' [x, y, w, h] needs finite values and w, h > 0, "
+                       f"got {d['bbox']!r}")
+    try:
+      score = float(d.get("score", 1.0))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{where}: 'score' must be a number, got {d['score']!r}") from e
     label = d.get("label", d.get("category_name", d.get("category_id", "object")))
-    objects.append({"label": str(label), "bbox": [x, y, x + w, y + h],
-                    "score": float(d.get("score", 1.0))})
+    objects.append({"label": str(label), "bbox": [x, y, x + w, y + h], "score": score})
   return objects
 
 
-def make_predict_batch(config, assets: Assets, image_path: str, boxes, *,
+def make_predict_batch(config, assets: Assets, image, boxes, *,
                        detections=None) -> tuple[dict, list[str]]:
-  """One batch row per box of one image file, for `--mode predict`.
+  """One batch row per box of one image, for `Captioner` and `--mode predict`.
 
   Args:
     config: full config.
     assets: from `load_assets`.
-    image_path: an RGB/RGBA/grey PNG or JPEG of any size.
+    image: path of an RGB/RGBA/grey PNG or JPEG of any size, or its decoded
+      uint8[H, W, 3] array.
     boxes: float[N, 4] pixel boxes x1, y1, x2, y2.
     detections: COCO results (`bbox` x, y, w, h; `score`; `label`,
       `category_name` or `category_id`) of this image for the context views;
@@ -689,13 +714,16 @@ def make_predict_batch(config, assets: Assets, image_path: str, boxes, *,
     FileNotFoundError / ValueError: missing or corrupt image (naming the file), a
       box wholly outside the image or of zero area.
   """
-  image = transforms.load_image_file(image_path)
+  if isinstance(image, (str, os.PathLike)):
+    image_name, image = f" {image}", transforms.load_image_file(image)
+  else:
+    image_name, image = "", transforms.decode_image(image, name="image")
   h, w = image.shape[:2]
   boxes = np.asarray(boxes, np.float32)
   if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
     raise ValueError(f"boxes must be float[N, 4] with N >= 1, got shape {list(boxes.shape)}")
   warnings: list[str] = []
-  objects = None if detections is None else _detections_to_objects(detections)
+  objects = None if detections is None else detections_to_objects(detections)
   if objects is None:
     warnings.append("no detections given: every view is the target box (no context views)")
   feat = _Featurizer.from_config(config, assets, "predict")
@@ -703,7 +731,7 @@ def make_predict_batch(config, assets: Assets, image_path: str, boxes, *,
   for i, raw in enumerate(boxes):
     box = transforms.clip_box(raw, w, h)
     if box is None:
-      raise ValueError(f"box {i} {raw.tolist()} is outside the {w}x{h} image {image_path} "
+      raise ValueError(f"box {i} {raw.tolist()} is outside the {w}x{h} image{image_name} "
                        "or has zero area")
     if not np.allclose(box, raw):
       warnings.append(f"box {i} {raw.tolist()} is partly outside the {w}x{h} image; "
