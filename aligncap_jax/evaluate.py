@@ -235,6 +235,11 @@ class Evaluator:
       refs = [t["references"] for t in targets]
       if all(attributes.parse_caption(r) for rs in refs for r in rs):
         attrs = attributes.attribute_accuracy([d["caption"] for d in decoded], refs)
+        if getattr(self.pipeline, "__name__", "") == "aligncap_jax.data.pipeline":
+          # What the selected views can show at all bounds the context half.
+          from aligncap_jax.data import context_reach  # pylint: disable=g-import-not-at-top
+          attrs.update(context_reach.context_reach(self.config, self.split,
+                                                   self.config.train.eval_max_examples))
         metrics = {**metrics, **attrs}
         print("attributes: " + ", ".join(f"{k.replace('attr_', '')} {v:.3f}"
                                          for k, v in attrs.items()))

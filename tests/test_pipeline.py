@@ -370,3 +370,19 @@ def test_worker_processes_give_the_same_batches(prepared):
     got = next(it)
     for k in w:
       np.testing.assert_array_equal(got[k], w[k], err_msg=k)
+
+
+def test_context_reach_counts_views_that_hold_the_neighbour(prepared):
+  from aligncap_jax.data import context_reach  # pylint: disable=g-import-not-at-top
+  config, _ = prepared
+  got = context_reach.context_reach(config, "train")
+  assert 0 < got["context_in_eval_views"] <= got["context_in_any_view"] <= 1
+  # No candidate slot: no view can show the neighbour.
+  one = _config(config.data.data_dir)
+  one.data.num_views = 1
+  assert context_reach.context_reach(one, "train")["context_in_eval_views"] == 0
+  # As many slots as candidates: eval sees every stored view.
+  many = _config(config.data.data_dir)
+  many.data.num_views = 64
+  wide = context_reach.context_reach(many, "train")
+  assert wide["context_in_eval_views"] == wide["context_in_any_view"] == got["context_in_any_view"]

@@ -1,0 +1,58 @@
+"""How often the views a region gets can show its caption's context at all.
+
+A synthetic caption names the target's nearest neighbour. The model can only read
+that neighbour from a context view that contains it, so the fraction of evaluation
+targets whose neighbour box lies inside one of their selected views bounds the
+context half of the per-attribute accuracy. Reported beside it by `--mode eval`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from aligncap_jax.data import god
+from aligncap_jax.data import pipeline
+from aligncap_jax.data import transforms
+
+# Region boxes carry +-1 px of jitter around the drawn shape (data/synthetic.py).
+_SLACK_PX = 2.0
+
+
+def _nearest(boxes: np.ndarray, i: int) -> int:
+  centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+  d = ((centres - centres[i]) ** 2).sum(-1)
+  d[i] = np.inf
+  return int(np.argmin(d))
+
+
+def _inside(inner: np.ndarray, outer: np.ndarray) -> bool:
+  return bool(inner[0] >= outer[0] - _SLACK_PX and inner[1] >= outer[1] - _SLACK_PX and
+              inner[2] <= outer[2] + _SLACK_PX and inner[3] <= outer[3] + _SLACK_PX)
+
+
+def context_reach(config, split: str, max_examples: int = 0) -> dict[str, float]:
+  """{"context_in_eval_views", "context_in_any_view"}: fractions of the targets.
+
+  `context_in_eval_views`: the neighbour lies inside one of the j-1 views eval
+  selects (greatest pHash distance); `context_in_any_view`: inside some stored
+  candidate view (the simulated detector's misses bound this one).
+  """
+  source = pipeline._source(config, split)  # pylint: disable=protected-access
+  rows = pipeline._eval_target_rows(config, split, max_examples)  # pylint: disable=protected-access
+  in_eval = in_any = 0
+  for t in rows:
+    record = source[t["_record"]]
+    regions = pipeline._regions(record)  # pylint: disable=protected-access
+    w, h = int(record["width"]), int(record["height"])
+    boxes = np.stack([np.asarray(r["bbox"], np.float32) for r in regions])
+    if len(boxes) < 2:
+      continue
+    neighbour = boxes[_nearest(boxes, t["_region"])]
+    region = regions[t["_region"]]
+    box = transforms.clip_box(region["bbox"], w, h)
+    pool = np.asarray(region["views"], np.float32).reshape(-1, 4)
+    chosen = god.select_views(pool, region["view_distance"], config.data.num_views - 1,
+                              train=False, target_box=box)
+    in_eval += any(_inside(neighbour, v) for v in chosen)
+    in_any += any(_inside(neighbour, v) for v in pool)
+  n = max(len(rows), 1)
+  return {"context_in_eval_views": in_eval / n, "context_in_any_view": in_any / n}
