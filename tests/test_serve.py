@@ -216,6 +216,7 @@ def test_predict_reads_the_detections_file_for_context_views(predicted):
 
 
 @pytest.mark.parametrize("content, message", [
+    (None, "file not found"),
     ("[{\"bbox\": [1, 2, 3, 4]", "not a JSON file"),
     ("{\"bbox\": [1, 2, 3, 4], \"score\": 0.9}", "expected a JSON list of COCO-results "
                                                  "detections, got a JSON dict"),
@@ -223,13 +224,14 @@ def test_predict_reads_the_detections_file_for_context_views(predicted):
      "entry 1: needs 'bbox' [x, y, w, h]"),
     ("[{\"bbox\": [1, 2, 0, 4]}]", "entry 0: 'bbox' [x, y, w, h] needs finite values and w, h > 0"),
 ])
-def test_bad_detections_file_is_one_line_exit_2(trained, tmp_path, capsys, content, message):
+def test_bad_detections_file_is_one_line_exit_2(tmp_path, capsys, content, message):
   image, dets = tmp_path / "a.png", tmp_path / "dets.json"
   image.write_bytes(_png_bytes(_scene(1).image))
-  dets.write_text(content)
-  code = _main(["--config", TINY, f"--config.data.data_dir={trained.data_dir}", "--mode",
-                "predict", "--workdir", trained.workdir, "--image", str(image),
-                "--box", "1,1,20,20", "--detections", str(dets)])
+  if content is not None:
+    dets.write_text(content)
+  # No checkpoint in the workdir: the file is checked before anything is restored.
+  code = _main(["--config", TINY, "--mode", "predict", "--workdir", str(tmp_path / "none"),
+                "--image", str(image), "--box", "1,1,20,20", "--detections", str(dets)])
   err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
   assert code == 2 and len(err) == 1
   assert err[0].startswith(f"error: --detections {dets}: ") and message in err[0], err[0]
