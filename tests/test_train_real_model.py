@@ -129,10 +129,15 @@ def _zero_gradient_elements(path: str, shape: tuple[int, ...]) -> np.ndarray:
   """True where the gradient is exactly zero in exact arithmetic: attention key biases.
 
   q . (k + b) shifts every logit of a query by the same q . b, which softmax
-  ignores; `qkv/bias` is [..., 3, H, D] with the keys at index 1.
+  ignores; `qkv/bias` is [..., 3, H, D] with the keys at index 1. The cross-view
+  block's target layer norm feeds only its keys (values come from the candidate,
+  `cross_view.value_from="candidate"`), so its bias is such a shift too.
   """
   mask = np.zeros(shape, bool)
   if path.endswith("key/bias"):
+    mask[...] = True
+  elif (path == "cross_view/norm_target/bias"
+        and tiny.get_config().model.cross_view.value_from == "candidate"):
     mask[...] = True
   elif path.endswith("qkv/bias"):
     mask[..., 1, :, :] = True
