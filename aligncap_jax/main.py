@@ -13,10 +13,16 @@ import os
 import sys
 import traceback
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+from aligncap_jax import fake_devices
+
+# Before jax starts: thread slack for fake CPU devices (XLA_FLAGS' device count,
+# e.g. `--mode aot --aot_topology cpu:8`), else their collectives can deadlock.
+fake_devices.ensure_thread_slack()
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 MODES = ("train", "eval", "predict", "serve", "prepare", "god", "describe", "aot", "export")
 
