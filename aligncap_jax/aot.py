@@ -89,7 +89,8 @@ def make_decode_step(config: ml_collections.ConfigDict, model: nn.Module) -> Cal
                        method=aligncap.AlignCap.generate, num_beams=d.num_beams,
                        max_new_tokens=d.max_new_tokens, min_length=d.min_length,
                        length_penalty=d.length_penalty,
-                       repetition_penalty=d.repetition_penalty)
+                       repetition_penalty=d.repetition_penalty,
+                       contrastive_alpha=d.contrastive_alpha)
 
   return step
 

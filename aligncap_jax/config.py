@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_split="test",
       view_size=224,               # S: each view is resized to S x S (bicubic)
       num_views=3,                 # j: target + j-1 GOD views
+      context_views=True,          # False: every view slot holds the target box (no-GOD ablation)
       max_caption_tokens=32,
       max_prompt_tokens=32,
       clip_max_tokens=77,
@@ -149,8 +150,10 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   # ---------------------------------------------------------------- decode
+  # contrastive_alpha a > 0: visual contrastive decoding (Leng et al., CVPR 2024; beyond
+  # the paper), logits (1 + a) * logits(views) - a * logits(every view = the target box).
   c.decode = _cd(num_beams=2, max_new_tokens=20, min_length=1,
-                 length_penalty=0.0, repetition_penalty=1.5)
+                 length_penalty=0.0, repetition_penalty=1.5, contrastive_alpha=0.0)
 
   # ---------------------------------------------------------------- eval
   # `--mode eval`: "captions" = BLEU-4/METEOR/ROUGE-L/CIDEr on the ground-truth
@@ -240,6 +243,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"{d.view_size} is not a multiple of model.vision.patch_size={m.vision.patch_size}")
   need(0 <= d.prompt_drop_prob <= 1, "data.prompt_drop_prob", "must be in [0, 1]")
   need(0 <= d.tag_drop_prob <= 1, "data.tag_drop_prob", "must be in [0, 1]")
+  need(config.decode.contrastive_alpha >= 0, "decode.contrastive_alpha",
+       f"must be >= 0 (0: off), got {config.decode.contrastive_alpha}")
   for ax in ("data", "fsdp", "tensor"):
     v = config.mesh[ax]
     need(v == -1 or v >= 1, f"mesh.{ax}", f"must be -1 or >= 1, got {v}")

@@ -148,7 +148,8 @@ def make_generate(config: ml_collections.ConfigDict, model: nn.Module, model_lib
                          method=model_lib.AlignCap.generate, num_beams=d.num_beams,
                          max_new_tokens=d.max_new_tokens, min_length=d.min_length,
                          length_penalty=d.length_penalty,
-                         repetition_penalty=d.repetition_penalty)
+                         repetition_penalty=d.repetition_penalty,
+                         contrastive_alpha=d.contrastive_alpha)
 
   return shd.MeshBound(generate, mesh)
 

@@ -94,8 +94,9 @@ class FakeAlignCap(nn.Module):
     return self._clip_pool(tag_clip_tokens, tag_clip_mask)
 
   def generate(self, batch, tag_embeddings, tag_table, *, num_beams=2, max_new_tokens=20,
-               min_length=1, length_penalty=0.0, repetition_penalty=1.5):
-    del num_beams, min_length, length_penalty, repetition_penalty
+               min_length=1, length_penalty=0.0, repetition_penalty=1.5,
+               contrastive_alpha=0.0):
+    del num_beams, min_length, length_penalty, repetition_penalty, contrastive_alpha
     h = self._features(batch, False)
     logits = self.llm(h + self.prompt_vector)
     n = min(3, max_new_tokens - 1)

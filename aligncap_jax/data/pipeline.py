@@ -310,6 +310,7 @@ class _Featurizer:
   clip_max_tokens: int
   prompt_drop_prob: float
   tag_drop_prob: float
+  context_views: bool
 
   @classmethod
   def from_config(cls, config, assets: Assets, split: str) -> _Featurizer:
@@ -317,12 +318,14 @@ class _Featurizer:
     return cls(assets=assets, split=split, num_views=d.num_views, view_size=d.view_size,
                max_caption_tokens=d.max_caption_tokens, max_prompt_tokens=d.max_prompt_tokens,
                clip_max_tokens=d.clip_max_tokens, prompt_drop_prob=d.prompt_drop_prob,
-               tag_drop_prob=d.tag_drop_prob)
+               tag_drop_prob=d.tag_drop_prob, context_views=d.context_views)
 
   def image(self, record) -> np.ndarray:
     return transforms.decode_image(record["image"], name=_record_name(record, self.split))
 
   def views(self, image: np.ndarray, box: np.ndarray, candidates: np.ndarray) -> dict:
+    if not self.context_views:  # the no-GOD ablation: every view is the target box
+      candidates = np.broadcast_to(box, (self.num_views - 1, 4))
     boxes = np.concatenate([box[None], candidates]).astype(np.float32)
     return {"views": transforms.crop_views(image, boxes, self.view_size),
             "view_boxes": transforms.box_in_views(box, boxes, self.view_size)}

@@ -278,11 +278,16 @@ class AlignCap(nn.Module):
   # ------------------------------------------------------------------ decoding
   def generate(self, batch, tag_embeddings, tag_table, *, num_beams: int = 2,
                max_new_tokens: int = 20, min_length: int = 1, length_penalty: float = 0.0,
-               repetition_penalty: float = 1.5):
+               repetition_penalty: float = 1.5, contrastive_alpha: float = 0.0):
     """Captions for a batch: predicted tags -> on-device prompt -> beam search.
 
     Decoder-only LLMs get the prefix left-padded, as `_caption_logits` reads it
     in training, and the repetition penalty on every generated id.
+    `contrastive_alpha` a > 0: visual contrastive decoding (Leng et al., CVPR
+    2024; `decode.contrastive_alpha`), next-token logits `(1 + a) * logits(views)
+    - a * logits(distorted)`, where the distorted input has every candidate view
+    replaced by the target view (view 0: the region without its context) and the
+    same prompt.
 
     Returns:
       dict(tokens int32[B, max_new_tokens], scores float32[B], tag_probs float32[B, V],
@@ -298,7 +303,16 @@ class AlignCap(nn.Module):
         self.config.data.max_prompt_tokens)
     enc_in, enc_mask = self._encoder_input(latents, prompt, pmask)
     enc_in = enc_in.astype(jnp.dtype(m.frozen_dtype))
+    contrast = None
+    if contrastive_alpha > 0:
+      j = batch["views"].shape[1]
+      distorted = {**batch, "views": jnp.repeat(batch["views"][:, :1], j, axis=1),
+                   "view_boxes": jnp.repeat(batch["view_boxes"][:, :1], j, axis=1)}
+      contrast, _ = self._encoder_input(self._region_latents(distorted, True), prompt, pmask)
+      contrast = contrast.astype(enc_in.dtype)
     if m.llm.family != "t5":
+      if contrast is not None:
+        contrast, _ = decoder_lm_lib.left_pad(contrast, enc_mask)
       enc_in, enc_mask = decoder_lm_lib.left_pad(enc_in, enc_mask)
     llm = self.llm.clone(parent=None)
     llm_params = self.llm.variables["params"]
@@ -309,7 +323,8 @@ class AlignCap(nn.Module):
         repetition_penalty=repetition_penalty, eos_token_id=m.llm.eos_token_id,
         pad_token_id=m.llm.pad_token_id,
         decoder_start_token_id=m.llm.decoder_start_token_id if m.llm.family == "t5" else None,
-        penalty_skips_padding=False)
+        penalty_skips_padding=False, contrastive_alpha=float(contrastive_alpha),
+        contrast_inputs_embeds=contrast)
     return {"tokens": tokens, "scores": scores, "tag_probs": probs, "prompt_tokens": prompt,
             "prompt_mask": pmask}
 

@@ -23,6 +23,13 @@ every generated id instead); HF lowers `min_length` by the prefix length
 (`decoder_lm.left_pad`): as in HF, the first new token is predicted from the
 last slot and gets position `positions[:, -1] + 1`.
 
+Visual contrastive decoding (Leng et al., CVPR 2024; `contrastive_alpha` a > 0):
+every step's next-token logits are `(1 + a) * logits(x) - a * logits(x')`, x the
+encoder input (prefix) and x' a distorted one of the same shape and mask, before
+the processors and the softmax. Both run as one doubled batch, item i's rows
+next to item i's distorted rows (so a batch-sharded item keeps both on its
+device); they share the tokens and the beam reordering. a = 0 is the plain path.
+
 Everything has static shapes; the loop is a `lax.while_loop` that exits when
 every batch item is done.
 """
@@ -42,10 +49,12 @@ _NEG = -1.0e9
 
 
 class _Stepper(NamedTuple):
-  """Model-specific pieces: prefill -> (logits, state); step -> (logits, state)."""
+  """Model-specific pieces: prefill -> (logits, state); step -> (logits, state);
+  reorder(state, src) -> state with each beam's cache taken from beam src."""
   prompt_len: int
   prefill: Any
   step: Any
+  reorder: Any
 
 
 def _repeat(x: Array, n: int, axis: int = 0) -> Array:
@@ -73,7 +82,7 @@ def _t5_stepper(model: T5, params, inputs_embeds, attention_mask, copies: int,
                                 method=T5.decode)
     return logits[:, -1], {"cache": cache, "mask": state["mask"]}
 
-  return _Stepper(1, prefill, step)
+  return _Stepper(1, prefill, step, _reorder)
 
 
 def _decoder_lm_stepper(model: DecoderLM, params, inputs_embeds, attention_mask,
@@ -103,7 +112,37 @@ def _decoder_lm_stepper(model: DecoderLM, params, inputs_embeds, attention_mask,
                                 cache=state["cache"], cache_index=slot)
     return logits[:, -1], {"cache": cache, "mask": mask, "last_pos": state["last_pos"]}
 
-  return _Stepper(0, prefill, step)
+  return _Stepper(0, prefill, step, _reorder)
+
+
+def _contrastive_stepper(stepper: _Stepper, copies: int, alpha: float) -> _Stepper:
+  """Visual contrastive decoding over a stepper of the doubled batch.
+
+  `stepper` decodes 2B items, item 2i the input of item i and item 2i + 1 its
+  distorted input, each in `copies` rows (beams); the result decodes B items with
+  logits `(1 + alpha) * logits(2i) - alpha * logits(2i + 1)` in float32.
+  """
+
+  def combine(logits):
+    x = logits.astype(jnp.float32).reshape(-1, 2, copies, logits.shape[-1])
+    return ((1.0 + alpha) * x[:, 0] - alpha * x[:, 1]).reshape(-1, logits.shape[-1])
+
+  def double(x):  # [B * copies, ...] -> [2B * copies, ...], both halves of an item alike
+    x = x.reshape((-1, 1, copies) + x.shape[1:])
+    return jnp.broadcast_to(x, (x.shape[0], 2) + x.shape[2:]).reshape((-1,) + x.shape[3:])
+
+  def prefill():
+    logits, state = stepper.prefill()
+    return combine(logits), state
+
+  def step(state, tokens, cur_len):
+    logits, state = stepper.step(state, double(tokens), cur_len)
+    return combine(logits), state
+
+  def reorder(state, src):
+    return stepper.reorder(state, double(src.reshape(-1)).reshape(-1, src.shape[1]))
+
+  return _Stepper(stepper.prompt_len, prefill, step, reorder)
 
 
 def _seen_mask(seq: Array, cur_len: Array, start: Array, vocab: int) -> Array:
@@ -239,7 +278,7 @@ def _beam(stepper: _Stepper, bsz: int, nb: int, max_new_tokens: int, start_id, i
     new_tok = run_seq[:, :, cur_len - 1].reshape(-1)
 
     def advance():
-      return stepper.step(_reorder(state, run_src), new_tok, cur_len)
+      return stepper.step(stepper.reorder(state, run_src), new_tok, cur_len)
 
     logits, state = jax.lax.cond(done, lambda: (logits, state), advance)
     return (cur_len, run_seq, run_scores, seqs, beam_scores, finished, unsat, done,
@@ -262,13 +301,14 @@ def _pad_after_eos(tokens: Array, eos_token_id: int, pad_token_id: int) -> Array
 @functools.partial(jax.jit, static_argnames=(
     "model", "num_beams", "max_new_tokens", "min_length", "length_penalty",
     "repetition_penalty", "eos_token_id", "pad_token_id", "decoder_start_token_id",
-    "penalty_skips_padding"))
+    "penalty_skips_padding", "contrastive_alpha"))
 def generate(model: T5 | DecoderLM, params, *, inputs_embeds: Array,
              attention_mask: Array, num_beams: int = 2, max_new_tokens: int = 20,
              min_length: int = 1, length_penalty: float = 0.0,
              repetition_penalty: float = 1.5, eos_token_id: int,
              pad_token_id: int, decoder_start_token_id: int | None = None,
-             penalty_skips_padding: bool = True) -> tuple[Array, Array]:
+             penalty_skips_padding: bool = True, contrastive_alpha: float = 0.0,
+             contrast_inputs_embeds: Array | None = None) -> tuple[Array, Array]:
   """Decodes a batch with Hugging Face `generate` semantics (see module doc).
 
   Args:
@@ -287,6 +327,10 @@ def generate(model: T5 | DecoderLM, params, *, inputs_embeds: Array,
     penalty_skips_padding: decoder-only: True (HF) exempts a row's first n_pad
       generated ids from the repetition penalty, n_pad its prefix's leading
       padding; False penalises every generated id.
+    contrastive_alpha: a >= 0; a > 0 decodes with visual contrastive decoding
+      against `contrast_inputs_embeds` (module doc); 0 ignores them.
+    contrast_inputs_embeds: float[B, L, D], the distorted `inputs_embeds` (same
+      `attention_mask`); needed when contrastive_alpha > 0.
 
   Returns:
     tokens int32[B, N] (pad after the first EOS) and scores float32[B]: exp of
@@ -297,19 +341,32 @@ def generate(model: T5 | DecoderLM, params, *, inputs_embeds: Array,
     raise ValueError(f"generate: num_beams must be >= 1, got {num_beams}")
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+  if contrastive_alpha < 0:
+    raise ValueError(f"generate: contrastive_alpha must be >= 0, got {contrastive_alpha}")
   bsz, plen = attention_mask.shape
   copies = num_beams
+  contrastive = contrastive_alpha > 0
+  if contrastive:
+    if contrast_inputs_embeds is None or contrast_inputs_embeds.shape != inputs_embeds.shape:
+      raise ValueError(
+          f"generate: contrastive_alpha={contrastive_alpha} needs contrast_inputs_embeds of "
+          f"shape {inputs_embeds.shape}, got "
+          f"{None if contrast_inputs_embeds is None else contrast_inputs_embeds.shape}")
+    # Item i at row 2i, its distorted input at row 2i + 1 (module doc).
+    embeds = jnp.stack([inputs_embeds, contrast_inputs_embeds.astype(inputs_embeds.dtype)], 1)
+    embeds = embeds.reshape((2 * bsz,) + inputs_embeds.shape[1:])
+    mask = jnp.repeat(attention_mask, 2, axis=0)
+  else:
+    embeds, mask = inputs_embeds, attention_mask
   if isinstance(model, T5):
     start = (model.config.decoder_start_token_id if decoder_start_token_id is None
              else decoder_start_token_id)
-    stepper = _t5_stepper(model, params, inputs_embeds, attention_mask, copies,
-                          max_new_tokens, start)
+    stepper = _t5_stepper(model, params, embeds, mask, copies, max_new_tokens, start)
     eff_min = min_length
     ignore = jnp.zeros((bsz * copies,), jnp.int32)
   elif isinstance(model, DecoderLM):
     start = None
-    stepper = _decoder_lm_stepper(model, params, inputs_embeds, attention_mask, copies,
-                                  max_new_tokens)
+    stepper = _decoder_lm_stepper(model, params, embeds, mask, copies, max_new_tokens)
     eff_min = max(min_length - plen, 0)
     if penalty_skips_padding:
       ignore = _repeat(jnp.argmax(attention_mask != 0, axis=1).astype(jnp.int32), copies)
@@ -317,6 +374,8 @@ def generate(model: T5 | DecoderLM, params, *, inputs_embeds: Array,
       ignore = jnp.zeros((bsz * copies,), jnp.int32)
   else:
     raise TypeError(f"generate: model must be T5 or DecoderLM, got {type(model).__name__}")
+  if contrastive:
+    stepper = _contrastive_stepper(stepper, copies, float(contrastive_alpha))
   kw = dict(repetition_penalty=repetition_penalty, min_length=eff_min,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id)
   if num_beams == 1:
