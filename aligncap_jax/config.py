@@ -104,6 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
       # view's patch embeddings with a learned vector (zero-init, trainable), so
       # context views tell the captioner which object is the target and where.
       target_box_prompt=False,
+      # RoI-align region of the context views (views 1..j-1): "target_box" (the
+      # reference code: the target's box in each view) or "whole_view" (departure:
+      # each view over its own extent; view 0 always pools the target box).
+      candidate_pool="target_box",
       dtype="float32",                # activations of the trainable blocks
       frozen_dtype="bfloat16",        # frozen towers' params and activations
       remat=True,                     # rematerialise transformer layers
@@ -233,6 +237,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"must be 'cross_attention' or 'dot', got {m.similarity!r}")
   need(m.pairwise_form in ("dense", "chunked", "ring"), "model.pairwise_form",
        f"must be 'dense', 'chunked' or 'ring', got {m.pairwise_form!r}")
+  need(m.candidate_pool in ("target_box", "whole_view"), "model.candidate_pool",
+       f"must be 'target_box' or 'whole_view', got {m.candidate_pool!r}")
   need(m.cross_view.value_from in ("candidate", "target"), "model.cross_view.value_from",
        f"must be 'candidate' or 'target', got {m.cross_view.value_from!r}")
   need(m.llm.family in ("t5", "llama"), "model.llm.family",

@@ -56,3 +56,29 @@ def test_zero_init_changes_nothing_and_a_learned_vector_marks_the_box():
                + np.array([0, 0, 8, 8], np.float32))
   a, b = logits(m_on, p_on, batch), logits(m_on, p_on, moved)
   assert float(jnp.abs(a - b).max()) > 1e-3
+
+
+def test_whole_view_pooling_reads_candidate_views_over_their_whole_extent():
+  """`candidate_pool="whole_view"`: a context view is pooled over all of it, so its
+  own target box no longer matters (view 0 still pools the target box)."""
+  c = tiny_config(candidate_pool="whole_view")
+  batch = make_batch(c)
+  te = jnp.zeros((V, c.model.clip_text.projection_dim), jnp.float32)
+  model = aligncap.build_model(c, V)
+  params = nn.unbox(model.init(jax.random.key(0), batch, te))["params"]
+  logits = lambda b: np.asarray(model.apply(  # noqa: E731
+      {"params": params}, b, method=aligncap.AlignCap.caption_logits))
+  base = logits(batch)
+  moved = batch["view_boxes"].copy()
+  moved[:, 1:] = [1.0, 2.0, 9.0, 7.0]
+  np.testing.assert_array_equal(logits(dict(batch, view_boxes=moved)), base)
+  moved0 = batch["view_boxes"].copy()
+  moved0[:, 0] = [1.0, 2.0, 9.0, 7.0]
+  assert np.abs(logits(dict(batch, view_boxes=moved0)) - base).max() > 1e-4
+  # The paper's reading pools the target box in every view: candidates' boxes matter.
+  c2 = tiny_config()
+  m2 = aligncap.build_model(c2, V)
+  p2 = nn.unbox(m2.init(jax.random.key(0), batch, te))["params"]
+  l2 = lambda b: np.asarray(m2.apply(  # noqa: E731
+      {"params": p2}, b, method=aligncap.AlignCap.caption_logits))
+  assert np.abs(l2(dict(batch, view_boxes=moved)) - l2(batch)).max() > 1e-4

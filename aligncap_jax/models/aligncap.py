@@ -138,7 +138,13 @@ class AlignCap(nn.Module):
                          patch_bias=patch_bias)
     tokens = tokens.astype(jnp.dtype(m.dtype))
     cls, grid = tokens[:, :1], tokens[:, 1:].reshape((b * j, g, g, tokens.shape[-1]))
-    boxes = batch["view_boxes"].reshape((b * j, 1, 4)).astype(jnp.float32)
+    boxes = batch["view_boxes"].astype(jnp.float32)
+    if m.candidate_pool == "whole_view" and j > 1:
+      # Departure (option): each context view pooled over the whole view, so the
+      # neighbour's area survives RoI-align; the target box is pooled in view 0.
+      whole = jnp.broadcast_to(jnp.asarray([0.0, 0.0, s, s], jnp.float32), (b, j - 1, 4))
+      boxes = jnp.concatenate([boxes[:, :1], whole], axis=1)
+    boxes = boxes.reshape((b * j, 1, 4))
     pooled = ops.roi_align(grid, boxes, m.roi_output_size, 1.0 / patch,
                            sampling_ratio=m.roi_sampling_ratio, aligned=m.roi_aligned)
     r = m.roi_output_size
