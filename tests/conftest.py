@@ -19,3 +19,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+# The longest files start first: pytest-xdist (--dist loadfile) deals files to the
+# workers in collection order, so a long file collected last would run alone at the
+# end while the other worker idles.
+_LONGEST_FIRST = ("test_train_real_model.py", "test_serve.py", "test_aligncap.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+  items.sort(key=rank)   # stable: the order within and among other files is kept
