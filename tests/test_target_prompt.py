@@ -35,27 +35,35 @@ def test_box_coverage_matches_pixel_count():
   assert got[0].tolist() == [1.0] * 16 and got[2].sum() == 1 / 16
 
 
+def _logits_fn(model):
+  """Jitted caption logits (one compile per model; eager would dispatch op by op)."""
+  return jax.jit(lambda p, b: model.apply({"params": p}, b,
+                                          method=aligncap.AlignCap.caption_logits))
+
+
+def _init(model, batch, te):
+  return nn.unbox(jax.jit(model.init)(jax.random.key(0), batch, te))["params"]
+
+
 def test_zero_init_changes_nothing_and_a_learned_vector_marks_the_box():
   c_off, c_on = tiny_config(), tiny_config(target_box_prompt=True)
   batch = make_batch(c_on)
   te = jnp.asarray(np.random.default_rng(0).normal(size=(V, c_on.model.clip_text.projection_dim)),
                    jnp.float32)
   m_off, m_on = aligncap.build_model(c_off, V), aligncap.build_model(c_on, V)
-  p_on = nn.unbox(m_on.init(jax.random.key(0), batch, te))["params"]
+  p_on = _init(m_on, batch, te)
   assert p_on["target_embedding"].shape == (c_on.model.vision.hidden_size,)
   p_off = {k: v for k, v in p_on.items() if k != "target_embedding"}
-  logits = lambda m, p, b: m.apply({"params": p}, b, method=aligncap.AlignCap.caption_logits)  # noqa: E731
+  on, off = _logits_fn(m_on), _logits_fn(m_off)
   # Zero-initialised: the same numbers as the model without it (a frozen tower starts unchanged).
-  np.testing.assert_array_equal(np.asarray(logits(m_on, p_on, batch)),
-                                np.asarray(logits(m_off, p_off, batch)))
+  np.testing.assert_array_equal(np.asarray(on(p_on, batch)), np.asarray(off(p_off, batch)))
   # It gets a gradient, and once non-zero the caption depends on where the box is.
-  grad = jax.grad(lambda p: m_on.apply({"params": p}, batch, te, train=False)[0])(p_on)
+  grad = jax.jit(jax.grad(lambda p: m_on.apply({"params": p}, batch, te, train=False)[0]))(p_on)
   assert float(jnp.abs(grad["target_embedding"]).max()) > 0
   p_on["target_embedding"] = jnp.ones_like(p_on["target_embedding"])
-  moved = dict(batch, view_boxes=batch["view_boxes"][:, :, [2, 3, 0, 1]].clip(0) * 0
-               + np.array([0, 0, 8, 8], np.float32))
-  a, b = logits(m_on, p_on, batch), logits(m_on, p_on, moved)
-  assert float(jnp.abs(a - b).max()) > 1e-3
+  moved = dict(batch, view_boxes=np.broadcast_to(
+      np.array([0, 0, 8, 8], np.float32), batch["view_boxes"].shape).copy())
+  assert float(jnp.abs(on(p_on, batch) - on(p_on, moved)).max()) > 1e-3
 
 
 def test_whole_view_pooling_reads_candidate_views_over_their_whole_extent():
@@ -65,20 +73,17 @@ def test_whole_view_pooling_reads_candidate_views_over_their_whole_extent():
   batch = make_batch(c)
   te = jnp.zeros((V, c.model.clip_text.projection_dim), jnp.float32)
   model = aligncap.build_model(c, V)
-  params = nn.unbox(model.init(jax.random.key(0), batch, te))["params"]
-  logits = lambda b: np.asarray(model.apply(  # noqa: E731
-      {"params": params}, b, method=aligncap.AlignCap.caption_logits))
-  base = logits(batch)
+  params = _init(model, batch, te)
+  f = _logits_fn(model)
+  base = np.asarray(f(params, batch))
   moved = batch["view_boxes"].copy()
   moved[:, 1:] = [1.0, 2.0, 9.0, 7.0]
-  np.testing.assert_array_equal(logits(dict(batch, view_boxes=moved)), base)
+  np.testing.assert_array_equal(np.asarray(f(params, dict(batch, view_boxes=moved))), base)
   moved0 = batch["view_boxes"].copy()
   moved0[:, 0] = [1.0, 2.0, 9.0, 7.0]
-  assert np.abs(logits(dict(batch, view_boxes=moved0)) - base).max() > 1e-4
+  assert np.abs(np.asarray(f(params, dict(batch, view_boxes=moved0))) - base).max() > 1e-4
   # The paper's reading pools the target box in every view: candidates' boxes matter.
-  c2 = tiny_config()
-  m2 = aligncap.build_model(c2, V)
-  p2 = nn.unbox(m2.init(jax.random.key(0), batch, te))["params"]
-  l2 = lambda b: np.asarray(m2.apply(  # noqa: E731
-      {"params": p2}, b, method=aligncap.AlignCap.caption_logits))
-  assert np.abs(l2(dict(batch, view_boxes=moved)) - l2(batch)).max() > 1e-4
+  m2 = aligncap.build_model(tiny_config(), V)
+  f2 = _logits_fn(m2)
+  assert np.abs(np.asarray(f2(params, dict(batch, view_boxes=moved)))
+                - np.asarray(f2(params, batch))).max() > 1e-4
