@@ -238,9 +238,12 @@ class Evaluator:
         attrs = attributes.attribute_accuracy([d["caption"] for d in decoded], refs)
         if getattr(self.pipeline, "__name__", "") == "aligncap_jax.data.pipeline":
           # What the selected views can show at all bounds the context half.
-          from aligncap_jax.data import context_reach  # pylint: disable=g-import-not-at-top
-          attrs.update(context_reach.context_reach(self.config, self.split,
-                                                   self.config.train.eval_max_examples))
+          # It depends on the data alone: computed once per Evaluator, not per eval.
+          if getattr(self, "_context_reach", None) is None:
+            from aligncap_jax.data import context_reach  # pylint: disable=g-import-not-at-top
+            self._context_reach = context_reach.context_reach(
+                self.config, self.split, self.config.train.eval_max_examples)
+          attrs.update(self._context_reach)
         metrics = {**metrics, **attrs}
         print("attributes: " + ", ".join(f"{k.replace('attr_', '')} {v:.3f}"
                                          for k, v in attrs.items()))
