@@ -1,19 +1,20 @@
 """Beam-search speed: our jitted generate vs transformers `generate` (PyTorch, CPU).
 
-  python benchmarks/generate.py [--batch 16] [--beams 2] [--new_tokens 20] [--repeats 3]
+  python benchmarks/generate.py [--batch 16] [--beams 2] [--new_tokens 20] [--rounds 5]
 
 Same t5-small-shaped random weights in both (d_model 512, 6+6 layers, 8 heads,
 d_ff 2048, vocab 32128; written by transformers, read by our importer), batch
 16, beam 2, 20 new tokens, a 40-token encoder input, repetition penalty 1.5.
-One warm-up call each first (compilation excluded); prints tokens/s of each and
-their ratio, measured side by side in this one run.
+One warm-up call each (compilation excluded), then `--rounds` interleaved rounds
+(ours, transformers, ours, ...; benchmarks/interleave.py); checks that the token
+ids are equal and prints tokens/s of each as median (min-max), the ratio of
+medians, the load average and the thread settings of the run.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import interleave  # noqa: E402  (benchmarks/, the script's folder)
 from aligncap_jax.models import hf_import  # noqa: E402
 from aligncap_jax.models.generate import generate  # noqa: E402
 from aligncap_jax.models.t5 import T5  # noqa: E402
@@ -34,7 +36,7 @@ def main() -> None:
   parser.add_argument("--beams", type=int, default=2)
   parser.add_argument("--new_tokens", type=int, default=20)
   parser.add_argument("--input_len", type=int, default=40)
-  parser.add_argument("--repeats", type=int, default=3)
+  interleave.add_args(parser)
   args = parser.parse_args()
   torch.manual_seed(0)
   cfg = transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048,
@@ -63,23 +65,20 @@ def main() -> None:
       return hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                          do_sample=False, early_stopping=False, **kw).numpy()
 
-  rows = []
-  for name, fn in (("jax (ours, jit)", ours), ("transformers (torch)", theirs)):
-    fn()
-    times = []
-    for _ in range(args.repeats):
-      start = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - start)
-    rows.append((name, min(times)))
-  tokens = args.batch * args.new_tokens
-  print(f"device: {jax.devices()[0].device_kind}, torch threads: {torch.get_num_threads()}")
-  print(f"batch {args.batch}, beams {args.beams}, {args.new_tokens} new tokens, "
-        f"input {args.input_len} tokens, best of {args.repeats}")
-  print(f"{'implementation':<24}{'seconds':>10}{'tokens/s':>12}")
-  for name, sec in rows:
-    print(f"{name:<24}{sec:>10.3f}{tokens / sec:>12.1f}")
-  print(f"speed-up (ours / transformers): {rows[1][1] / rows[0][1]:.2f}x")
+  ours_ids, theirs_ids = ours(), theirs()
+  # transformers returns [start, tokens...] and stops at the longest row.
+  theirs_ids = theirs_ids[:, 1:]
+  same = np.array_equal(ours_ids[:, :theirs_ids.shape[1]], theirs_ids) and not np.any(
+      ours_ids[:, theirs_ids.shape[1]:] != kw["pad_token_id"])
+  ours_name, theirs_name = "ours (jax.jit)", "transformers (torch)"
+  times = interleave.run({ours_name: ours, theirs_name: theirs}, rounds=args.rounds,
+                         warmup=args.warmup)
+  print(interleave.environment(times))
+  print(f"# t5-small shape, batch {args.batch}, beams {args.beams}, {args.new_tokens} new "
+        f"tokens, input {args.input_len} tokens, repetition penalty 1.5; token ids equal: "
+        f"{same}")
+  print(interleave.table(times, unit="tokens/s", work=args.batch * args.new_tokens))
+  print(interleave.ratio_line(times, ours_name, theirs_name))
 
 
 if __name__ == "__main__":

@@ -3,19 +3,18 @@
 CLIP ViT-B/16 shape (224 px, patch 16, width 768, 12 layers, 12 heads, MLP
 3072), random weights written once as a Hugging Face folder and loaded into
 both (ours through `hf_import.vision.load_clip_vision`), batch 8, float32 on
-the host CPU. One warm-up call each (compilation excluded), then `--repeats`
-timed calls each, interleaved; prints images/s (median) and the ratio.
+the host CPU. One warm-up call each (compilation excluded), then `--rounds`
+interleaved rounds (ours, transformers, ours, ...; benchmarks/interleave.py);
+prints images/s as median (min-max), the ratio of medians, the largest output
+difference, the load average and the thread settings of the run.
 
-  python benchmarks/vit_forward.py [--batch 8] [--repeats 5] [--scan]
+  python benchmarks/vit_forward.py [--batch 8] [--rounds 5] [--scan]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,8 @@ import transformers
 from aligncap_jax.models.hf_import.vision import load_clip_vision
 from aligncap_jax.models.vit import VisionTransformer
 
+import interleave  # benchmarks/, the script's folder
+
 VIT_B16 = dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
                num_attention_heads=12, intermediate_size=3072)
 
@@ -33,7 +34,7 @@ VIT_B16 = dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--repeats", type=int, default=5)
+  interleave.add_args(ap)
   ap.add_argument("--scan", action="store_true", help="scan over layers in ours")
   args = ap.parse_args()
 
@@ -59,24 +60,15 @@ def main():
     with torch.no_grad():
       return hf_model(pixel_values=x_torch).last_hidden_state
 
-  diff = float(np.abs(np.asarray(run_ours()) - run_torch().numpy()).max())  # warm-up
-  times = {"ours (jax.jit)": [], "transformers (torch)": []}
-  for _ in range(args.repeats):
-    for name, fn in (("ours (jax.jit)", run_ours), ("transformers (torch)", run_torch)):
-      t0 = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t0)
-
-  print(f"ViT-B/16 forward, batch {args.batch}, float32, {jax.devices()[0].platform} "
-        f"({os.cpu_count()} cores, torch threads {torch.get_num_threads()}), "
-        f"{args.repeats} timed calls each after one warm-up; max |diff| {diff:.2e}")
-  print(f"{'implementation':<24}{'median s/call':>15}{'images/s':>12}")
-  rate = {}
-  for name, ts in times.items():
-    med = statistics.median(ts)
-    rate[name] = args.batch / med
-    print(f"{name:<24}{med:>15.3f}{rate[name]:>12.2f}")
-  print(f"ratio ours / transformers: {rate['ours (jax.jit)'] / rate['transformers (torch)']:.2f}x")
+  diff = float(np.abs(np.asarray(run_ours()) - run_torch().numpy()).max())
+  ours_name, theirs_name = "ours (jax.jit)", "transformers (torch)"
+  times = interleave.run({ours_name: run_ours, theirs_name: run_torch}, rounds=args.rounds,
+                         warmup=args.warmup)
+  print(interleave.environment(times))
+  print(f"# ViT-B/16 forward, batch {args.batch}, float32, scan_layers {args.scan}; "
+        f"max |ours - transformers| {diff:.2e}")
+  print(interleave.table(times, unit="images/s", work=args.batch))
+  print(interleave.ratio_line(times, ours_name, theirs_name))
 
 
 if __name__ == "__main__":
