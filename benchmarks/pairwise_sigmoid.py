@@ -5,8 +5,11 @@
 
 Prints a markdown table of compiled temporary memory
 (`memory_analysis().temp_size_in_bytes`) and forward+backward time of dense vs
-chunked on one device, and per-device temporary memory of the reference
-all-gather strategy vs the ring on 8 fake CPU devices, each with its target.
+chunked on one device (one warm-up each, then `--rounds` interleaved rounds,
+dense, chunked, dense, ...: median (min-max); benchmarks/interleave.py), and
+per-device temporary memory of the reference all-gather strategy vs the ring on
+8 fake CPU devices, each with its target; then the load average and thread
+settings of the run.
 """
 from __future__ import annotations
 
@@ -19,8 +22,6 @@ fake_devices.use_fake_cpu_devices(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -34,6 +35,8 @@ from aligncap_jax.losses import reference_allgather_pairwise_sigmoid_loss  # noq
 from aligncap_jax.losses import sharded_pairwise_sigmoid_loss  # noqa: E402
 from aligncap_jax.models.pairwise_scorer import PairwiseScorer  # noqa: E402
 from aligncap_jax.models.pairwise_scorer import make_score_fn  # noqa: E402
+
+import interleave  # noqa: E402  (benchmarks/, the script's folder)
 
 LOG_T, BIAS = float(np.log(10.0)), -10.0
 TARGETS = {"dot": 1.3, "cross_attention": 1.5}
@@ -80,16 +83,6 @@ def _compile(loss, form, block, mesh, args):
   return compiled, compiled.memory_analysis().temp_size_in_bytes
 
 
-def _time(compiled, args, repeats: int) -> float:
-  jax.block_until_ready(compiled(*args))   # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def _mib(b: int) -> str:
   return f"{b / 2**20:,.1f} MiB"
 
@@ -103,7 +96,7 @@ def main():
                       help="column block (default 512 dot, 16 cross_attention)")
   parser.add_argument("--dim", type=int, default=256)
   parser.add_argument("--tokens", type=int, default=32, help="region tokens (cross_attention)")
-  parser.add_argument("--repeats", type=int, default=3)
+  interleave.add_args(parser)
   parser.add_argument("--skip-time", action="store_true", help="memory only")
   a = parser.parse_args()
   dot = a.scorer == "dot"
@@ -117,11 +110,15 @@ def main():
         f"share the host's {os.cpu_count()} cores); fwd+bwd = value_and_grad w.r.t. every input")
   dense_c, dense_mem = _compile(loss, "dense", None, None, args)
   chunk_c, chunk_mem = _compile(loss, "chunked", block, None, args)
+  times = None
   if a.skip_time:
-    dense_t = chunk_t = float("nan")
+    dense_t = chunk_t = interleave.Stats(float("nan"), float("nan"), float("nan"), 0)
   else:
-    dense_t = _time(dense_c, args, a.repeats)
-    chunk_t = _time(chunk_c, args, a.repeats)
+    times = interleave.run(
+        {"dense": lambda: jax.block_until_ready(dense_c(*args)),
+         "chunked": lambda: jax.block_until_ready(chunk_c(*args))},
+        rounds=a.rounds, warmup=a.warmup)
+    dense_t, chunk_t = interleave.stats(times["dense"]), interleave.stats(times["chunked"])
   del dense_c, chunk_c
 
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -132,18 +129,24 @@ def main():
     _, ring_mem = _compile(loss, "ring", None, mesh, sharded)
 
   t_target = TARGETS[a.scorer]
-  mem_ratio, t_ratio, ring_ratio = chunk_mem / dense_mem, chunk_t / dense_t, ring_mem / ref_mem
+  mem_ratio, ring_ratio = chunk_mem / dense_mem, ring_mem / ref_mem
+  t_ratio = chunk_t.median / dense_t.median
+  ms = lambda s: f"{s.median * 1e3:,.1f} ms ({s.lo * 1e3:,.1f}-{s.hi * 1e3:,.1f})"
   ok = lambda c: "yes" if c else "no"
   print()
   print("| measurement | baseline | ours | ratio (ours / baseline) | target | met |")
   print("|---|---|---|---|---|---|")
   print(f"| temp memory, 1 device: dense vs chunked | {_mib(dense_mem)} | {_mib(chunk_mem)} "
         f"| {mem_ratio:.4f} | <= 0.125 | {ok(mem_ratio <= 0.125)} |")
-  print(f"| fwd+bwd time, 1 device: dense vs chunked | {dense_t * 1e3:,.1f} ms "
-        f"| {chunk_t * 1e3:,.1f} ms | {t_ratio:.3f} | <= {t_target} | {ok(t_ratio <= t_target)} |")
+  print(f"| fwd+bwd time, 1 device: dense vs chunked, median (min-max) | {ms(dense_t)} "
+        f"| {ms(chunk_t)} | {t_ratio:.3f} | <= {t_target} | {ok(t_ratio <= t_target)} |")
   print(f"| temp memory per device, 8 devices: all-gather reference vs ring "
         f"| {_mib(ref_mem)} | {_mib(ring_mem)} | {ring_ratio:.4f} | <= 0.25 "
         f"| {ok(ring_ratio <= 0.25)} |")
+  print()
+  print(interleave.environment(times))
+  if times is not None:
+    print(interleave.ratio_line(times, "chunked", "dense"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """HTTP service throughput: batching across clients vs one region per device batch.
 
-  python benchmarks/serve.py [--workdir DIR --config configs/tiny.py] [--rounds 3]
+  python benchmarks/serve.py [--workdir DIR --config configs/tiny.py] [--rounds 5]
 
 Starts two `--mode serve` processes on 127.0.0.1 over the same checkpoint, one
 with `serve.max_batch=1` (every region its own device batch) and one with the
@@ -10,7 +10,8 @@ the same seeded workload for both) to one server at a time, alternating
 A B A B ... for `--rounds` rounds so that both sides see the same machine.
 Prints, per side, the median throughput (requests/s, regions/s) with its
 spread over rounds, p50 and p99 latency over all requests, errors, and the
-ratio of median throughputs. Loopback only; every request has a timeout.
+ratio of median throughputs, with the load average and thread settings
+(benchmarks/interleave.py). Loopback only; every request has a timeout.
 
 Without `--workdir` it first trains configs/tiny.py for `--steps` steps into a
 temporary folder (through `main`, like a user).
@@ -40,6 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from aligncap_jax.data import synthetic  # noqa: E402
+
+import interleave  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def _main_cmd(config: str, overrides: list[str]) -> list[str]:
@@ -165,7 +168,7 @@ def main() -> None:
                       help="extra --config.x=y for both servers (e.g. data.data_dir=DIR)")
   parser.add_argument("--clients", type=int, default=16)
   parser.add_argument("--requests", type=int, default=25, help="per client")
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--max_batch", type=int, default=None,
                       help="the batching side's serve.max_batch (default: the config's)")
   parser.add_argument("--ready_timeout_s", type=float, default=900)
@@ -197,6 +200,7 @@ def main() -> None:
     for s in sides.values():   # warm the HTTP path and the threads once
       run_round(s, [b[:1] for b in bodies])
     results = {k: [] for k in sides}
+    load_before = os.getloadavg()
     for r in range(args.rounds):
       for k, s in sides.items():
         res = run_round(s, bodies)
@@ -205,10 +209,14 @@ def main() -> None:
               f"{res['regions'] / res['wall']:7.1f} regions/s, {res['errors']} errors",
               flush=True)
     stats = {k: s.health() for k, s in sides.items()}
+    timings = interleave.Timings(
+        {k: [r["wall"] for r in runs] for k, runs in results.items()})
+    timings.load_before, timings.load_after = load_before, os.getloadavg()
   finally:
     for s in sides.values():
       s.stop()
   _report(args, sides, results, stats)
+  print(interleave.environment(timings))
 
 
 def _image_size(config_path: str, overrides: list[str]) -> int:
