@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
       split_file=ml_collections.FieldReference(None, field_type=str),
       god_num_processes=1,
       god_beam_options="",         # non-empty: run GOD through Apache Beam with these flags
+      # pHash of the GOD job: "fast" (PIL's Lanczos arithmetic compiled with numba) or
+      # "exact" (PIL crop + resize per box, as imagehash); the hashes are bit-equal.
+      god_hash="fast",
       # synthetic dataset generator sizes
       synthetic=_cd(num_train_images=2000, num_validation_images=100,
                     num_test_images=100, image_size=128, seed=0),
@@ -231,6 +234,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
   need(d.num_views >= 1, "data.num_views", f"j must be >= 1, got {d.num_views}")
   need(d.god_top_k >= 0, "data.god_top_k", f"top_k must be >= 0, got {d.god_top_k}")
+  need(d.god_hash in ("fast", "exact"), "data.god_hash",
+       f"must be 'fast' or 'exact', got {d.god_hash!r}")
   need(t.per_device_batch_size >= 1, "train.per_device_batch_size",
        f"must be >= 1, got {t.per_device_batch_size}")
   need(m.similarity in ("cross_attention", "dot"), "model.similarity",

@@ -81,9 +81,32 @@ def propose_views(target_box, objects: Sequence[Mapping], *, top_k: int,
     float32[V, 4] union boxes, V >= 0, ordered by class rank then object input
     order, without repeats and without boxes equal to the (clipped) target.
   """
+  target = _box_array(target_box, "target_box")
+  return propose_views_batch(target[None], objects, top_k=top_k,
+                             score_threshold=score_threshold, image_size=image_size)[0]
+
+
+def propose_views_batch(target_boxes, objects: Sequence[Mapping], *, top_k: int,
+                        score_threshold: float = 0.0, image_size=None) -> list[np.ndarray]:
+  """`propose_views` of every target box of one image (the objects ranked once).
+
+  Args:
+    target_boxes: float[R, 4] pixel boxes.
+    objects, top_k, score_threshold, image_size: as `propose_views`.
+
+  Returns:
+    R arrays float32[V_r, 4], each equal to `propose_views` of its target.
+  """
   if top_k < 0:
     raise ValueError(f"top_k must be >= 0, got {top_k}")
-  target = _clip(_box_array(target_box, "target_box"), image_size).astype(np.float32)
+  raw = np.asarray(target_boxes, np.float64)
+  if raw.ndim != 2 or raw.shape[1] != 4:
+    raise ValueError(f"target_boxes must be float[R, 4], got shape {list(raw.shape)}")
+  bad = np.flatnonzero(~np.isfinite(raw).all(1))
+  if len(bad):
+    raise ValueError(f"target_boxes[{bad[0]}] must be 4 finite numbers [x1, y1, x2, y2], "
+                     f"got {raw[bad[0]].tolist()!r}")
+  targets = _clip(raw, image_size).astype(np.float32)
   rank = {c: i for i, c in enumerate(
       rank_classes(objects, score_threshold=score_threshold)[:top_k])}
   chosen = []
@@ -92,17 +115,21 @@ def propose_views(target_box, objects: Sequence[Mapping], *, top_k: int,
     if label in rank and float(obj["score"]) >= score_threshold:
       chosen.append((rank[label], order, _box_array(obj["bbox"], f"objects[{order}].bbox")))
   chosen.sort(key=lambda t: (t[0], t[1]))
-  views, seen = [], {tuple(target.tolist())}
-  for _, _, box in chosen:
-    union = np.concatenate([np.minimum(target[:2], box[:2]), np.maximum(target[2:], box[2:])])
-    union = _clip(union, image_size).astype(np.float32)
-    key = tuple(union.tolist())
-    if key not in seen:
-      seen.add(key)
-      views.append(union)
-  if not views:
-    return np.zeros((0, 4), np.float32)
-  return np.stack(views).astype(np.float32)
+  if not chosen:
+    return [np.zeros((0, 4), np.float32) for _ in targets]
+  boxes = np.stack([box for _, _, box in chosen])                       # float64[K, 4]
+  unions = np.concatenate([np.minimum(targets[:, None, :2], boxes[None, :, :2]),
+                           np.maximum(targets[:, None, 2:], boxes[None, :, 2:])], axis=-1)
+  unions = _clip(unions, image_size).astype(np.float32)                 # [R, K, 4]
+  out = []
+  for target, cands in zip(targets.tolist(), unions):
+    seen, keep = {tuple(target)}, []
+    for k, key in enumerate(map(tuple, cands.tolist())):
+      if key not in seen:
+        seen.add(key)
+        keep.append(k)
+    out.append(cands[keep] if keep else np.zeros((0, 4), np.float32))
+  return out
 
 
 def _hash_bits(pixels: np.ndarray) -> np.ndarray:
@@ -142,16 +169,37 @@ def crop_pixels(box, width: int, height: int) -> tuple[int, int, int, int]:
   return left, top, right, bottom
 
 
-def box_hashes(image: np.ndarray, boxes) -> np.ndarray:
+def crop_windows(boxes, width: int, height: int) -> np.ndarray:
+  """int64[N, 4] `crop_pixels` of each of float[N, 4] boxes."""
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  bad = ~np.isfinite(boxes).all(1)
+  if bad.any():
+    raise ValueError(f"boxes must be finite [x1, y1, x2, y2], got {boxes[bad][0].tolist()!r}")
+  left = np.clip(np.floor(boxes[:, 0]), 0, width - 1)
+  top = np.clip(np.floor(boxes[:, 1]), 0, height - 1)
+  right = np.clip(np.ceil(boxes[:, 2]), left + 1, width)
+  bottom = np.clip(np.ceil(boxes[:, 3]), top + 1, height)
+  return np.stack([left, top, right, bottom], 1).astype(np.int64)
+
+
+HASH_METHODS = ("exact", "fast")
+
+
+def box_hashes(image: np.ndarray, boxes, *, method: str = "exact") -> np.ndarray:
   """pHash of each box's crop of one image.
 
   Args:
     image: uint8[H, W, 3] (or [H, W] grey).
     boxes: float[N, 4] pixel boxes; each is cropped with `crop_pixels`.
+    method: "exact": PIL crop + Lanczos resize per box, as `imagehash.phash`;
+      "fast": the same 32 x 32 pixels from `phash_fast.resample_crops` (PIL's
+      fixed-point arithmetic, compiled, tested bit-equal), for the GOD job.
 
   Returns:
     uint64[N].
   """
+  if method not in HASH_METHODS:
+    raise ValueError(f"pHash method must be one of {HASH_METHODS}, got {method!r}")
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim not in (2, 3):
     raise ValueError(f"image must be uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
@@ -160,7 +208,12 @@ def box_hashes(image: np.ndarray, boxes) -> np.ndarray:
   boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
   if len(boxes) == 0:
     return np.zeros((0,), np.uint64)
-  stack = np.stack([_grey_32(grey.crop(crop_pixels(b, width, height))) for b in boxes])
+  if method == "fast":
+    # Imported here: numba loads in ~0.5 s, which callers of the exact path skip.
+    from aligncap_jax.data import phash_fast  # pylint: disable=g-import-not-at-top
+    stack = phash_fast.resample_crops(np.asarray(grey), crop_windows(boxes, width, height))
+  else:
+    stack = np.stack([_grey_32(grey.crop(crop_pixels(b, width, height))) for b in boxes])
   return _hash_bits(stack.astype(np.float64))
 
 
@@ -171,13 +224,15 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.unpackbits(as_bytes, axis=1).sum(axis=1).astype(np.int32).reshape(np.shape(x))
 
 
-def view_distances(image: np.ndarray, target_box, views) -> np.ndarray:
+def view_distances(image: np.ndarray, target_box, views, *,
+                   method: str = "exact") -> np.ndarray:
   """pHash Hamming distance between the target crop and each view crop.
 
   Args:
     image: uint8[H, W, 3].
     target_box: [x1, y1, x2, y2] pixels.
     views: float[V, 4] pixel boxes (V may be 0).
+    method: see `box_hashes` (both give the same hashes).
 
   Returns:
     int32[V] in [0, 64].
@@ -185,7 +240,8 @@ def view_distances(image: np.ndarray, target_box, views) -> np.ndarray:
   views = np.asarray(views, np.float32).reshape(-1, 4)
   if len(views) == 0:
     return np.zeros((0,), np.int32)
-  hashes = box_hashes(image, np.concatenate([_box_array(target_box, "target_box")[None], views]))
+  hashes = box_hashes(image, np.concatenate([_box_array(target_box, "target_box")[None], views]),
+                      method=method)
   return hamming(hashes[1:], hashes[0])
 
 

@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from aligncap_jax.data import god
 from aligncap_jax.data import tags
 from aligncap_jax.data.builders.god import god_builder
 
@@ -61,11 +62,13 @@ def _identity(params: god_builder.GodParams, base_name: str, data_dir: str | Non
 def build(base_name: str, *, data_dir: str | None, top_k: int, score_threshold: float,
           tag_vocab_size: int, tag_list_file: str | None = None,
           detections_file: str | None = None, num_processes: int = 1,
-          beam_options: str = "") -> str:
+          beam_options: str = "", hash_method: str = "fast") -> str:
   """Builds `<base_name>_god` from the prepared `base_name` in `data_dir`.
 
   `beam_options`: non-empty runs the job through Apache Beam with these
   pipeline flags (e.g. "--runner=DirectRunner"); `num_processes` is then unused.
+  `hash_method`: config `data.god_hash`, "fast" (compiled) or "exact" (PIL per
+  crop); both give the same hashes, so it is not part of the dataset's identity.
 
   An existing GOD dataset built from the same settings and base is reused; one
   built from other settings is rebuilt.
@@ -75,7 +78,11 @@ def build(base_name: str, *, data_dir: str | None, top_k: int, score_threshold: 
   """
   params = god_builder.GodParams(top_k=top_k, score_threshold=score_threshold,
                                  tag_vocab_size=tag_vocab_size, tag_list_file=tag_list_file,
-                                 detections_file=detections_file, num_processes=num_processes)
+                                 detections_file=detections_file, num_processes=num_processes,
+                                 hash_method=hash_method)
+  if hash_method not in god.HASH_METHODS:
+    raise ValueError(f"config field 'data.god_hash': must be one of {god.HASH_METHODS}, "
+                     f"got {hash_method!r}")
   for path, field in ((tag_list_file, "tag_list_file"), (detections_file, "detections_file")):
     if path is not None and not os.path.isfile(path):
       raise FileNotFoundError(f"GOD {field}: {path} does not exist")

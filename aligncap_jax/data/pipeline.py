@@ -119,7 +119,8 @@ def prepare(config, *, build_missing_synthetic: bool = True, build_real: bool = 
                  tag_list_file=config.data.tag_list_file,
                  detections_file=config.data.detections_file,
                  num_processes=config.data.god_num_processes,
-                 beam_options=config.data.god_beam_options)
+                 beam_options=config.data.god_beam_options,
+                 hash_method=config.data.god_hash)
 
 
 def _prepare_synthetic(config, *, build: bool) -> None:

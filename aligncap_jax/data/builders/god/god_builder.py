@@ -64,6 +64,8 @@ class GodParams:
     tag_list_file: optional user tag list (see `tags.read_tag_list`).
     detections_file: optional detections JSON (see `read_detections`).
     num_processes: worker processes (1: in-process); does not change the output.
+    hash_method: pHash implementation, `god.HASH_METHODS` ("fast" or "exact",
+      bit-equal hashes); does not change the output.
   """
   top_k: int = 1
   score_threshold: float = 0.0
@@ -71,6 +73,7 @@ class GodParams:
   tag_list_file: str | None = None
   detections_file: str | None = None
   num_processes: int = 1
+  hash_method: str = "fast"
 
   def fingerprint(self) -> dict:
     """The JSON-able identity of the output (file contents, not paths)."""
@@ -141,6 +144,14 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def decode_grey(data: bytes) -> np.ndarray:
+  """uint8[H, W]: the grey image pHash sees, `decode_rgb` then PIL's "L" conversion."""
+  with Image.open(io.BytesIO(data)) as img:
+    if img.mode not in ("RGB", "L"):
+      img = img.convert("RGB")
+    return np.asarray(img.convert("L"))
+
+
 _WORKER: dict = {}
 
 
@@ -164,33 +175,33 @@ def annotate_record(record: dict, objects: list[dict], params: GodParams,
     The record in the GOD builder's feature layout.
   """
   width, height = int(record["width"]), int(record["height"])
-  image = decode_rgb(record["image"])
+  image = decode_grey(record["image"])
   if image.shape[:2] != (height, width):
     raise ValueError(f"image_id {record['image_id']}: image is {image.shape[1]}x"
                      f"{image.shape[0]} but the record says {width}x{height}")
   boxes = np.asarray(record["regions"]["bbox"], np.float32).reshape(-1, 4)
   captions = [_text(c) for c in record["regions"]["caption"]]
-  per_region = [god.propose_views(b, objects, top_k=params.top_k,
-                                  score_threshold=params.score_threshold,
-                                  image_size=(width, height)) for b in boxes]
+  per_region = god.propose_views_batch(boxes, objects, top_k=params.top_k,
+                                       score_threshold=params.score_threshold,
+                                       image_size=(width, height))
+  views = np.concatenate([np.zeros((0, 4), np.float32), *per_region]).astype(np.float32)
+  counts = np.array([len(v) for v in per_region], np.int32)
   # Hash every distinct box of the image once.
   unique: dict[tuple, int] = {}
-  for box in [*boxes, *(v for views in per_region for v in views)]:
-    unique.setdefault(tuple(np.asarray(box, np.float32).tolist()), len(unique))
-  hashes = god.box_hashes(image, np.array(list(unique), np.float32).reshape(-1, 4))
-  distances, tag_lists = [], []
-  for box, views, caption in zip(boxes, per_region, captions):
-    target_hash = hashes[unique[tuple(box.tolist())]]
-    view_hashes = hashes[[unique[tuple(v.tolist())] for v in views]]
-    distances.append(god.hamming(view_hashes, target_hash).reshape(-1))
-    tag_lists.append(matcher(caption))
+  which = np.array([unique.setdefault(key, len(unique))
+                    for key in map(tuple, np.concatenate([boxes, views]).tolist())], np.int64)
+  hashes = god.box_hashes(image, np.array(list(unique), np.float32).reshape(-1, 4),
+                          method=params.hash_method)
+  target_of_view = np.repeat(np.arange(len(boxes)), counts)
+  distances = god.hamming(hashes[which[len(boxes):]], hashes[which[target_of_view]])
+  tag_lists = [matcher(caption) for caption in captions]
   return {
       "image": record["image"], "image_id": int(record["image_id"]),
       "width": width, "height": height,
       "regions": {
           "id": np.asarray(record["regions"]["id"], np.int64).reshape(-1),
           "bbox": boxes, "caption": captions,
-          "view_count": np.array([len(v) for v in per_region], np.int32),
+          "view_count": counts,
           "tag_count": np.array([len(t) for t in tag_lists], np.int32),
       },
       "objects": {
@@ -198,8 +209,8 @@ def annotate_record(record: dict, objects: list[dict], params: GodParams,
           "bbox": np.array([o["bbox"] for o in objects], np.float32).reshape(-1, 4),
           "score": np.array([o["score"] for o in objects], np.float32),
       },
-      "views": np.concatenate([np.zeros((0, 4), np.float32), *per_region]).astype(np.float32),
-      "view_distance": np.concatenate([np.zeros((0,), np.int32), *distances]).astype(np.int32),
+      "views": views,
+      "view_distance": distances.astype(np.int32).reshape(-1),
       "tag_ids": np.concatenate([np.zeros((0,), np.int32), *tag_lists]).astype(np.int32),
   }
 
@@ -214,12 +225,12 @@ def worker_pool(num_processes: int, params: GodParams, vocab: list[str]):
   """A process pool ready to `imap(annotate_item, ...)`.
 
   Workers come from a fork server (a fresh single-threaded process that
-  imports this module once), so they start quickly and never inherit this
-  process's threads. As with spawn, a calling script needs an
-  `if __name__ == "__main__":` guard.
+  imports this module, and numba with the fast pHash, once), so they start
+  quickly and never inherit this process's threads. As with spawn, a calling
+  script needs an `if __name__ == "__main__":` guard.
   """
   ctx = multiprocessing.get_context("forkserver")
-  ctx.set_forkserver_preload([__name__])
+  ctx.set_forkserver_preload([__name__, "aligncap_jax.data.phash_fast"])
   return ctx.Pool(num_processes, initializer=init_worker, initargs=(params, vocab))
 
 
@@ -264,7 +275,16 @@ class GodBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def __init__(self, *, params: GodParams | None = None, use_beam: bool = False, **kwargs):
     """`use_beam`: generate through Apache Beam (`god_beam`; needs the beam extra)."""
     self._params, self._use_beam = params, use_beam
+    self._workers = None  # one pool for every split of a build, started on first use
     super().__init__(**kwargs)
+
+  def _download_and_prepare(self, *args, **kwargs):
+    try:
+      return super()._download_and_prepare(*args, **kwargs)
+    finally:
+      if self._workers is not None:
+        self._workers.terminate()
+        self._workers = None
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -322,10 +342,10 @@ class GodBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if num_proc == 1:
       init_worker(self._params, vocab)
       results = map(annotate_item, items())
-      pool = None
     else:
-      pool = worker_pool(num_proc, self._params, vocab)
-      results = pool.imap(annotate_item, items(), chunksize=4)
+      if self._workers is None:  # the splits share it: workers start once per build
+        self._workers = worker_pool(num_proc, self._params, vocab)
+      results = self._workers.imap(annotate_item, items(), chunksize=4)
     try:
       for i, example in enumerate(results):
         n = len(example["regions"]["id"])
@@ -334,8 +354,6 @@ class GodBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         yield i, example
     finally:
       bar.close()
-      if pool is not None:
-        pool.terminate()
     np.save(os.path.join(self.data_dir, regions_index_file(split)),
             np.array(index, np.int64).reshape(-1, 2))
     logging.info("%s/%s: %s", self.name, split, stats)
