@@ -154,6 +154,10 @@ def base_config() -> ml_collections.ConfigDict:
       max_checkpoints_to_keep=3,
       eval_batch_size=64,            # per device
       eval_max_examples=0,           # 0: whole split
+      # JAX's persistent compilation cache in <workdir>/compilation_cache (train, eval,
+      # predict, serve, export): a restart on the same topology and versions loads the
+      # compiled steps instead of compiling them. False: off.
+      compilation_cache=True,
   )
 
   # ---------------------------------------------------------------- decode

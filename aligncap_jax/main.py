@@ -47,6 +47,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: proces
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 _NEEDS_WORKDIR = ("train", "eval", "predict", "serve", "export")
+COMPILATION_CACHE_DIR = "compilation_cache"  # inside the workdir
 
 
 def _fail(message: str, code: int) -> None:
@@ -84,6 +85,26 @@ def _dispatch(config, workdir: str | None, mode: str) -> None:
   elif mode == "export":
     from aligncap_jax import hf_export  # pylint: disable=g-import-not-at-top
     hf_export.export(config, workdir, push_to_hub=_PUSH_TO_HUB.value)
+
+
+def _enable_compilation_cache(jax, config, workdir: str | None, mode: str) -> str | None:
+  """Points JAX's persistent compilation cache at <workdir>/compilation_cache.
+
+  Config `train.compilation_cache`, for the modes that compile in a workdir.
+  Every compile is cached (JAX's default skips those under 1 s, i.e. most CPU
+  compiles). A workdir that eval/predict/serve/export would reject as missing
+  is not created here.
+
+  Returns:
+    The cache folder, or None when off.
+  """
+  if (not config.train.compilation_cache or mode not in _NEEDS_WORKDIR or not workdir
+      or (mode != "train" and "://" not in workdir and not os.path.isdir(workdir))):
+    return None
+  path = os.path.join(workdir, COMPILATION_CACHE_DIR)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return path
 
 
 def _quiet_orbax(record) -> bool:
@@ -155,6 +176,7 @@ def main(argv):
   from aligncap_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from aligncap_jax import sharding  # pylint: disable=g-import-not-at-top
   from aligncap_jax import train  # pylint: disable=g-import-not-at-top
+  cache = _enable_compilation_cache(jax, config, workdir, mode)
   try:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
@@ -162,6 +184,7 @@ def main(argv):
                  jax.__version__, jax.default_backend(), jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices())
+    logging.info("compilation cache: %s", cache or "off")
     _dispatch(config, workdir, mode)
   except (ValueError, FileNotFoundError) as e:
     _fail(str(e), 2)
