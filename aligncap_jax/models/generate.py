@@ -66,15 +66,18 @@ def _t5_stepper(model: T5, params, inputs_embeds, attention_mask, copies: int,
   variables = {"params": params}
 
   def prefill():
+    # The first step is the same for every copy of an item (same start token,
+    # same encoder states): run it once per item, then repeat its logits and
+    # cache (cross-attention keys/values included) for the copies.
     enc = model.apply(variables, inputs_embeds, attention_mask, method=T5.encode)
-    enc = _repeat(enc, copies)
-    mask = _repeat(attention_mask, copies)
     bsz = enc.shape[0]
     cache = model.init_cache(bsz, 1 + max_new_tokens)
     ids = jnp.full((bsz, 1), start_id, jnp.int32)
-    logits, cache = model.apply(variables, ids, enc, mask, cache=cache, cache_index=0,
-                                method=T5.decode)
-    return logits[:, -1], {"cache": cache, "mask": mask}
+    logits, cache = model.apply(variables, ids, enc, attention_mask, cache=cache,
+                                cache_index=0, method=T5.decode)
+    cache = jax.tree.map(lambda a: _repeat(a, copies, axis=a.ndim - 4), cache)
+    return _repeat(logits[:, -1], copies), {"cache": cache,
+                                            "mask": _repeat(attention_mask, copies)}
 
   def step(state, tokens, cur_len):
     logits, cache = model.apply(variables, tokens[:, None], None, state["mask"],
@@ -173,21 +176,31 @@ def _process(scores: Array, seq: Array, cur_len: Array, ignore: Array, *,
 
 
 def _reorder(state: dict, src: Array) -> dict:
-  """Gathers the self-attention cache rows of the surviving beams.
+  """Takes the self-attention cache rows of the surviving beams.
 
-  The cache's `k`/`v` are [layers, bsz * nb, ...] with row b * nb + j = beam j of
-  item b; `src` int[bsz, nb] is the beam of the same item each new beam
-  continues. The gather is vmapped over items, so each stays on its device
+  The cache's `k`/`v` hold arrays whose batch axis (the 4th from last: T5's
+  per-layer [bsz * nb, H, S, Dk] or stacked [layers, bsz * nb, ...], DecoderLM's
+  [layers, bsz * nb, S, G, Dk]) has row b * nb + j = beam j of item b; `src`
+  int[bsz, nb] is the beam of the same item each new beam continues. New beam j
+  is a select over the item's nb old beams (elementwise, fused, no gather); it
+  never mixes items, so a batch-sharded cache stays on each item's device
   (a flat `take` over all rows would make the partitioner all-gather the cache
   of the whole global batch on every device).
   """
   bsz, nb = src.shape
+
+  def take(x):
+    axis = x.ndim - 4
+    x = x.reshape(x.shape[:axis] + (bsz, nb) + x.shape[axis + 1:])
+    pick = src.reshape((1,) * axis + (bsz, nb) + (1,) * (x.ndim - axis - 2))
+    out = jax.lax.slice_in_dim(x, 0, 1, axis=axis + 1)
+    for j in range(1, nb):
+      out = jnp.where(pick == j, jax.lax.slice_in_dim(x, j, j + 1, axis=axis + 1), out)
+    return out.reshape(x.shape[:axis] + (bsz * nb,) + x.shape[axis + 2:])
+
   cache = dict(state["cache"])
   for name in ("k", "v"):
-    x = cache[name]
-    x = x.reshape(x.shape[0], bsz, nb, *x.shape[2:])
-    x = jax.vmap(lambda xb, sb: xb[:, sb], in_axes=(1, 0), out_axes=1)(x, src)
-    cache[name] = x.reshape(x.shape[0], bsz * nb, *x.shape[3:])
+    cache[name] = jax.tree.map(take, cache[name])
   return {**state, "cache": cache}
 
 

@@ -4,9 +4,11 @@ Numerically the Hugging Face `T5ForConditionalGeneration` (transformers 5.x):
 RMS layer norm without mean subtraction, relative position buckets shared by all
 layers of a stack, unscaled dot-product attention, plain or gated feed-forward,
 and the `d_model ** -0.5` rescale of the decoder output when the checkpoint asks
-for it. Decoding uses an explicit self-attention KV cache with a leading `layers`
-axis (the same layout with and without `scan_layers`); cross-attention keys and
-values are computed once and kept in the cache.
+for it. Decoding uses an explicit self-attention KV cache, heads before
+positions (`[B, H, S, Dk]`, what the attention matmuls read without a
+transpose), one array per layer (stacked on a leading `layers` axis with
+`scan_layers`); cross-attention keys and values are computed once and kept in
+the cache.
 """
 from __future__ import annotations
 
@@ -197,31 +199,39 @@ def dense(features, axis, in_axes_names, out_axes_names, *, use_bias=False, dtyp
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, out_axes_names))
 
 
-def attend(q: Array, k: Array, v: Array, bias: Array) -> Array:
+def attend(q: Array, k: Array, v: Array, bias: Array, *, heads_major: bool = False) -> Array:
   """Softmax attention with an additive bias; GQA when k has fewer heads.
 
   Args:
     q: float[B, T, H, Dk] queries (already scaled if the model scales).
-    k: float[B, S, G, Dk] keys, G divides H.
-    v: float[B, S, G, Dk] values.
+    k: float[B, S, G, Dk] keys, G divides H; float[B, G, S, Dk] when heads_major.
+    v: float[B, S, G, Dk] values; float[B, G, S, Dk] when heads_major.
     bias: float[B or 1, H or 1, T, S] added to the logits (masks included).
+    heads_major: k and v hold heads before positions (the T5 decode cache), the
+      layout the batched matmuls read without a transpose.
 
   Returns:
     float[B, T, H, Dk].
   """
   b, t, h, dk = q.shape
-  g = k.shape[2]
+  g = k.shape[1 if heads_major else 2]
+  kv = "bgsd" if heads_major else "bsgd"
   qg = q.reshape(b, t, g, h // g, dk)
-  logits = jnp.einsum("btgrd,bsgd->bgrts", qg, k).astype(jnp.float32)
+  logits = jnp.einsum(f"btgrd,{kv}->bgrts", qg, k).astype(jnp.float32)
   logits = logits.reshape(b, h, t, -1) + bias
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bgrts,bsgd->btgrd", weights.reshape(b, g, h // g, t, -1), v)
+  out = jnp.einsum(f"bgrts,{kv}->btgrd", weights.reshape(b, g, h // g, t, -1), v)
   return out.reshape(b, t, h, dk)
 
 
 def write_cache(cache: Array, new: Array, index: Array) -> Array:
   """Writes new float[B, T, G, Dk] into cache float[B, S, G, Dk] at slot `index`."""
   return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, index, 0, 0))
+
+
+def _heads_major(x: Array) -> Array:
+  """float[B, S, H, Dk] -> float[B, H, S, Dk]."""
+  return jnp.swapaxes(x, 1, 2)
 
 
 class T5Attention(nn.Module):
@@ -242,8 +252,9 @@ class T5Attention(nn.Module):
   def kv(self, x: Array) -> tuple[Array, Array]:
     return self.k(x), self.v(x)
 
-  def __call__(self, x: Array, k: Array, v: Array, bias: Array) -> Array:
-    return self.o(attend(self.q(x), k, v, bias))
+  def __call__(self, x: Array, k: Array, v: Array, bias: Array,
+               heads_major: bool = False) -> Array:
+    return self.o(attend(self.q(x), k, v, bias, heads_major=heads_major))
 
 
 class T5FeedForward(nn.Module):
@@ -288,9 +299,10 @@ class T5EncoderLayer(nn.Module):
 class T5DecoderLayer(nn.Module):
   """Self-attention (cached) + cross-attention + feed-forward block.
 
-  `layer_cache` holds this layer's `k`, `v` float[B, S, H, Dk] (self-attention,
+  `layer_cache` holds this layer's `k`, `v` float[B, H, S, Dk] (self-attention,
   written at `cache_index`) and, once computed, `cross_k`, `cross_v`
-  float[B, S_enc, H, Dk]; when absent they are computed from `encoded`.
+  float[B, H, S_enc, Dk]; when absent they are computed from `encoded`. The
+  cache keeps heads before positions so that no step transposes it.
   """
   config: T5Config
   dtype: Any = jnp.float32
@@ -302,22 +314,25 @@ class T5DecoderLayer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self_attn = T5Attention(c, name="self_attn", **kw)
     cross_attn = T5Attention(c, name="cross_attn", **kw)
+    cached = layer_cache is not None
     h = RMSNorm(c.layer_norm_epsilon, name="self_attn_norm", **kw)(x)
     k, v = self_attn.kv(h)
     new_cache = None
-    if layer_cache is not None:
-      k = write_cache(layer_cache["k"], k, cache_index)
-      v = write_cache(layer_cache["v"], v, cache_index)
+    if cached:
+      k, v = (jax.lax.dynamic_update_slice(layer_cache[n], _heads_major(a).astype(
+          layer_cache[n].dtype), (0, 0, cache_index, 0)) for n, a in (("k", k), ("v", v)))
       new_cache = {"k": k, "v": v}
-    x = x + self_attn(h, k, v, self_bias)
+    x = x + self_attn(h, k, v, self_bias, heads_major=cached)
     h = RMSNorm(c.layer_norm_epsilon, name="cross_attn_norm", **kw)(x)
-    if layer_cache is not None and "cross_k" in layer_cache:
+    if cached and "cross_k" in layer_cache:
       ck, cv = layer_cache["cross_k"], layer_cache["cross_v"]
     else:
       ck, cv = cross_attn.kv(encoded)
-    if new_cache is not None:
+      if cached:
+        ck, cv = _heads_major(ck), _heads_major(cv)
+    if cached:
       new_cache.update(cross_k=ck, cross_v=cv)
-    x = x + cross_attn(h, ck, cv, cross_bias)
+    x = x + cross_attn(h, ck, cv, cross_bias, heads_major=cached)
     h = RMSNorm(c.layer_norm_epsilon, name="mlp_norm", **kw)(x)
     x = x + T5FeedForward(c, name="mlp", **kw)(h)
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
@@ -334,8 +349,15 @@ def layer_stack(layer_cls, config, n: int, in_axes: tuple, dtype, param_dtype):
   return [cls(config, dtype=dtype, param_dtype=param_dtype) for _ in range(n)]
 
 
-def run_stack(stack, x: Array, *args, cache: Cache | None = None, cache_arg: int = -1):
-  """Runs a layer stack; `cache` (leading layers axis) goes at position cache_arg."""
+def run_stack(stack, x: Array, *args, cache: Cache | None = None, cache_arg: int = -1,
+              stacked_cache: bool = True):
+  """Runs a layer stack; `cache` goes to each layer at position cache_arg.
+
+  A scanned stack takes and returns the cache with a leading `layers` axis. An
+  unscanned one does too when `stacked_cache`; otherwise each cache entry is a
+  tuple with one array per layer, in and out, so that a decode step updates
+  each layer's buffers in place instead of slicing and restacking them all.
+  """
   def with_cache(layer_cache):
     a = list(args)
     if cache_arg >= 0:
@@ -346,12 +368,13 @@ def run_stack(stack, x: Array, *args, cache: Cache | None = None, cache_arg: int
     return stack(x, *with_cache(cache))
   outs = []
   for i, layer in enumerate(stack):
-    layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+    layer_cache = None if cache is None else {n: a[i] for n, a in cache.items()}
     x, out = layer(x, *with_cache(layer_cache))
     outs.append(out)
   if outs[0] is None:
     return x, None
-  return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+  join = jnp.stack if stacked_cache else tuple
+  return x, jax.tree.map(lambda *a: join(a), *outs)
 
 
 class T5(nn.Module):
@@ -425,10 +448,16 @@ class T5(nn.Module):
     return self.encoder_norm(x)
 
   def init_cache(self, batch_size: int, max_length: int) -> Cache:
-    """Zero self-attention cache: k, v float[layers, B, max_length, H, Dk]."""
+    """Zero self-attention cache: k, v float[layers, B, H, max_length, Dk] with
+    scan_layers, else a tuple of `layers` arrays float[B, H, max_length, Dk]
+    each (`decode` adds `cross_k`, `cross_v` with S_enc for max_length)."""
     c = self.config
-    shape = (c.num_decoder_layers, batch_size, max_length, c.num_heads, c.d_kv)
-    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+    shape = (batch_size, c.num_heads, max_length, c.d_kv)
+    if c.scan_layers:
+      zeros = jnp.zeros((c.num_decoder_layers,) + shape, self.dtype)
+    else:
+      zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_decoder_layers))
+    return {"k": zeros, "v": zeros}
 
   def decode(self, decoder_input_ids: Array, encoder_hidden: Array | None,
              encoder_mask: Array, *, decoder_attention_mask: Array | None = None,
@@ -453,7 +482,7 @@ class T5(nn.Module):
     if cache is None:
       num_keys, cache_index = t, 0
     else:
-      num_keys = cache["k"].shape[2]
+      num_keys = jax.tree.leaves(cache["k"])[0].shape[-2]
     query_pos = cache_index + jnp.arange(t)
     bias = self._position_bias(self.decoder_position_bias, query_pos, num_keys,
                                num_keys, bidirectional=False)
@@ -463,7 +492,8 @@ class T5(nn.Module):
     bias = bias + jnp.where(allowed, 0.0, mask_value(jnp.float32))
     cross_bias = padding_bias(encoder_mask)
     x, new_cache = run_stack(self.decoder_layers, x, bias, encoder_hidden, cross_bias,
-                             jnp.asarray(cache_index, jnp.int32), cache=cache, cache_arg=3)
+                             jnp.asarray(cache_index, jnp.int32), cache=cache, cache_arg=3,
+                             stacked_cache=False)
     logits = self.head(self.decoder_norm(x))
     return logits if cache is None else (logits, new_cache)
 
