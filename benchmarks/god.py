@@ -1,13 +1,24 @@
-"""GOD job throughput: images/s with 1 and 2 worker processes, side by side.
+"""GOD job throughput: the fast and exact pHash side by side, 1 and 2 worker processes.
 
-Builds a synthetic base dataset, runs `god_tfds.build` on it with 1 and then 2
-worker processes (whole job: reading, views, pHash, tags, writing), and prints
-images/s and the ratio. Synthetic scenes are small (few regions, 128 px), so it
-also times `annotate_record` (the per-image work the workers do) on a
-Visual-Genome-sized record (800x600, 50 regions, 35 objects: VG v1.2 averages)
-and projects the wall time of VG v1.2's 108,077 images from it.
+Visual-Genome-sized records (800x600, 50 regions, 35 objects: VG v1.2
+averages), per-image work (`annotate_record`: decode, views, pHash distances,
+tags), timed in interleaved rounds (fast, exact, fast, exact, ...; medians,
+benchmarks/interleave.py):
 
-  python benchmarks/god.py [--images 300] [--image_size 128]
+- `data.god_hash="fast"` (PIL's Lanczos arithmetic compiled with numba) against
+  `"exact"` (PIL crop + resize per box, as imagehash), one process, and the
+  regions whose selected views (evaluation order: the j-1 greatest distances)
+  are equal under both;
+- fast with 2 worker processes (a pool started once and warmed, as the job's
+  pool lives for the whole split) against 1, and the projected wall time of VG
+  v1.2's 108,077 images;
+- the whole build of a small synthetic dataset (`god_tfds.build`, 1 and 2
+  processes, start-up included) and the views' agreement on its records.
+
+The last line is the VG-sized figure (checks rely on it):
+  god: fast F images/s, exact E images/s (R.Rx), views agree on P% of regions
+
+  python benchmarks/god.py [--vg_records 10] [--images 300] [--rounds 5]
 """
 from __future__ import annotations
 
@@ -15,16 +26,20 @@ import argparse
 import io
 import os
 import shutil
+import sys
 import tempfile
-import time
 
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import interleave  # noqa: E402  (benchmarks/, the script's folder)
+
 VG_IMAGES = 108_077
 
 
-def _vg_like_record(rng: np.random.Generator) -> tuple[dict, list[dict]]:
+def vg_like_record(rng: np.random.Generator) -> tuple[dict, list[dict]]:
+  """One VG-sized base record (JPEG bytes) and its objects."""
   w, h = 800, 600
   small = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
   img = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR))
@@ -45,15 +60,71 @@ def _vg_like_record(rng: np.random.Generator) -> tuple[dict, list[dict]]:
   return record, objects
 
 
+def selected_views(out: dict, num_slots: int) -> list[np.ndarray]:
+  """Each region's evaluation-order views (`god.select_views`) of a GOD record."""
+  from aligncap_jax.data import god
+  ends = np.cumsum(out["regions"]["view_count"])
+  starts = ends - out["regions"]["view_count"]
+  return [god.select_views(out["views"][s:e], out["view_distance"][s:e], num_slots,
+                           train=False, target_box=box)
+          for s, e, box in zip(starts, ends, out["regions"]["bbox"])]
+
+
+def agreement(fast: list[dict], exact: list[dict], num_slots: int) -> tuple[int, int]:
+  """(regions whose selected views are equal, regions) over paired GOD records."""
+  same = total = 0
+  for a, b in zip(fast, exact):
+    for va, vb in zip(selected_views(a, num_slots), selected_views(b, num_slots)):
+      same += int(np.array_equal(va, vb))
+      total += 1
+  return same, total
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--vg_records", type=int, default=10, help="distinct VG-sized records")
   parser.add_argument("--images", type=int, default=300, help="synthetic train images")
   parser.add_argument("--image_size", type=int, default=128)
-  parser.add_argument("--vg_records", type=int, default=20)
+  interleave.add_args(parser)
   args = parser.parse_args()
 
+  import tensorflow_datasets as tfds
+
+  from aligncap_jax import config as config_lib
   from aligncap_jax.data import god_tfds, synthetic, tags
   from aligncap_jax.data.builders.god import god_builder
+
+  tfds.disable_progress_bar()
+  num_slots = config_lib.base_config().data.num_views - 1
+  rng = np.random.default_rng(0)
+  items = [vg_like_record(rng) for _ in range(args.vg_records)]
+  matcher = tags.TagMatcher(tags.build_vocab(items[0][0]["regions"]["caption"], 100))
+  params = {m: god_builder.GodParams(top_k=1, hash_method=m) for m in ("fast", "exact")}
+  runs = {m: (lambda m=m: [god_builder.annotate_record(r, o, params[m], matcher)
+                           for r, o in items]) for m in params}
+  vg_same, vg_total = agreement(runs["fast"](), runs["exact"](), num_slots)
+  print(f"VG-sized records ({args.vg_records} x 800x600, 50 regions, 35 objects), "
+        "per-image work, 1 process, fast vs exact pHash:", flush=True)
+  vg = interleave.run(runs, rounds=args.rounds, warmup=args.warmup)
+  print(interleave.environment(vg))
+  print(interleave.table(vg, unit="images/s", work=len(items)))
+  print(interleave.ratio_line(vg, "fast", "exact"))
+
+  vocab = tags.build_vocab(items[0][0]["regions"]["caption"], 100)
+  god_builder.init_worker(params["fast"], vocab)
+  with god_builder.worker_pool(2, params["fast"], vocab) as pool:
+    pool.map(god_builder.annotate_item, items[:2], chunksize=1)  # start and warm both workers
+    procs = interleave.run({
+        "1 process": lambda: list(map(god_builder.annotate_item, items)),
+        "2 processes": lambda: list(pool.imap(god_builder.annotate_item, items, chunksize=1)),
+    }, rounds=args.rounds, warmup=args.warmup)
+  print("VG-sized records, fast pHash, 1 vs 2 worker processes (pool started once):")
+  print(interleave.environment(procs))
+  print(interleave.table(procs, unit="images/s", work=len(items)))
+  print(interleave.ratio_line(procs, "2 processes", "1 process"))
+  for name, ts in procs.items():
+    hours = VG_IMAGES * interleave.stats(ts).median / len(items) / 3600
+    print(f"  projected VG v1.2 ({VG_IMAGES:,} images), {name}: {hours:.2f} h")
 
   root = tempfile.mkdtemp(prefix="god_bench_")
   try:
@@ -62,47 +133,38 @@ def main() -> None:
         num_validation_images=2, num_test_images=2, image_size=args.image_size,
         seed=0).download_and_prepare()
     total = args.images + 4
-    rate = {}
-    for procs in (1, 2):
+
+    def build(procs):
       shutil.rmtree(os.path.join(root, "synthetic_regions_god"), ignore_errors=True)
-      t0 = time.perf_counter()
       god_tfds.build("synthetic_regions", data_dir=root, top_k=1, score_threshold=0.0,
                      tag_vocab_size=4585, num_processes=procs)
-      rate[procs] = total / (time.perf_counter() - t0)
+
+    syn = interleave.run({"1 process": lambda: build(1), "2 processes": lambda: build(2)},
+                         rounds=args.rounds, warmup=args.warmup)
+    base = god_builder.open_base("synthetic_regions", root)
+    source = base.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
+    records = [(rec, god_builder.objects_list(rec["objects"])) for rec in source]
+    syn_vocab = tags.TagMatcher(["circle"])
+    syn_same, syn_total = agreement(
+        [god_builder.annotate_record(r, o, params["fast"], syn_vocab) for r, o in records],
+        [god_builder.annotate_record(r, o, params["exact"], syn_vocab) for r, o in records],
+        num_slots)
   finally:
     shutil.rmtree(root, ignore_errors=True)
+  print(f"GOD job, synthetic ({total} images of {args.image_size} px, whole build, "
+        "worker start-up included), fast pHash:")
+  print(interleave.environment(syn))
+  print(interleave.table(syn, unit="images/s", work=total))
+  print(interleave.ratio_line(syn, "2 processes", "1 process"))
+  print(f"  synthetic train records: views agree on {100 * syn_same / syn_total:.1f}% of "
+        f"{syn_total} regions (fast vs exact, {num_slots} slots)")
 
-  rng = np.random.default_rng(0)
-  record, objects = _vg_like_record(rng)
-  params = god_builder.GodParams(top_k=1)
-  vocab = tags.build_vocab(record["regions"]["caption"], 100)
-  items = [(record, objects)] * args.vg_records
-  vg_rate = {}
-  god_builder.init_worker(params, vocab)
-  god_builder.annotate_item(items[0])  # warm caches
-  t0 = time.perf_counter()
-  out = list(map(god_builder.annotate_item, items))[0]
-  vg_rate[1] = len(items) / (time.perf_counter() - t0)
-  with god_builder.worker_pool(2, params, vocab) as pool:
-    pool.map(god_builder.annotate_item, items[:2], chunksize=1)  # start and warm workers
-    t0 = time.perf_counter()
-    list(pool.imap(god_builder.annotate_item, items, chunksize=1))
-    vg_rate[2] = len(items) / (time.perf_counter() - t0)
-  views = len(out["views"]) / 50
+  fast_rate = len(items) / interleave.stats(vg["fast"]).median
+  exact_rate = len(items) / interleave.stats(vg["exact"]).median
+  print(f"god: fast {fast_rate:.1f} images/s, exact {exact_rate:.1f} images/s "
+        f"({fast_rate / exact_rate:.1f}x), views agree on {100 * vg_same / vg_total:.1f}% "
+        "of regions")
 
-  print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} "
-        "(other jobs on the same cores lower the 2-process ratio)")
-  print(f"GOD job, synthetic ({total} images of {args.image_size} px, whole build):")
-  for procs in (1, 2):
-    print(f"  {procs} process{'es' if procs > 1 else ''}: {rate[procs]:8.1f} images/s")
-  print(f"  ratio 2/1: {rate[2] / rate[1]:.2f}x")
-  print(f"VG-sized records (800x600, 50 regions, 35 objects, {views:.1f} views/region), "
-        "per-image work only, warm workers:")
-  for procs in (1, 2):
-    hours = VG_IMAGES / vg_rate[procs] / 3600
-    print(f"  {procs} process{'es' if procs > 1 else ''}: {vg_rate[procs]:6.2f} images/s"
-          f" -> projected VG v1.2 ({VG_IMAGES:,} images): {hours:.1f} h")
-  print(f"  ratio 2/1: {vg_rate[2] / vg_rate[1]:.2f}x")
 
 if __name__ == "__main__":
   main()
