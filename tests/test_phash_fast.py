@@ -192,3 +192,18 @@ def test_decode_grey_is_the_grey_of_decode_rgb(mode):
   img.save(buf, format="TIFF" if mode == "CMYK" else "PNG")
   want = np.asarray(Image.fromarray(god_builder.decode_rgb(buf.getvalue())).convert("L"))
   np.testing.assert_array_equal(god_builder.decode_grey(buf.getvalue()), want)
+
+
+def test_hash_bits_equal_imagehash_on_flat_blocky_and_random_pixels():
+  """`god._hash_bits` transforms only the 8 rows it keeps in its second DCT pass;
+  flat and two-level crops (DCT coefficients that tie at the median) included."""
+  rng = np.random.default_rng(7)
+  pixels = np.concatenate([
+      rng.integers(0, 256, (40, 32, 32)),
+      np.broadcast_to(rng.integers(0, 256, (20, 1, 1)), (20, 32, 32)),
+      (rng.integers(0, 2, (20, 4, 4)) * 255).repeat(8, 1).repeat(8, 2),
+      np.clip(np.cumsum(rng.integers(-3, 4, (21, 32, 32)), 2) + 128, 0, 255),
+  ]).astype(np.uint8)
+  got = god._hash_bits(pixels.astype(np.float64))
+  for p, h in zip(pixels, got):
+    assert int(h) == int(str(imagehash.phash(Image.fromarray(p))), 16)

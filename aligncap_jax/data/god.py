@@ -134,8 +134,11 @@ def propose_views_batch(target_boxes, objects: Sequence[Mapping], *, top_k: int,
 
 def _hash_bits(pixels: np.ndarray) -> np.ndarray:
   """uint64[N] pHash of float[N, 32, 32] grey images (imagehash's algorithm)."""
-  dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=1), axis=2)
-  low = dct[:, :_HASH_SIZE, :_HASH_SIZE].reshape(len(pixels), -1)
+  # imagehash: dct(dct(pixels, axis=0), axis=1)[:8, :8]. The second transform runs
+  # on the 8 rows it keeps only: each row is transformed alone, so the values are
+  # the same (tested against imagehash), at a quarter of that pass's cost.
+  rows = scipy.fftpack.dct(pixels, axis=1)[:, :_HASH_SIZE]
+  low = scipy.fftpack.dct(rows, axis=2)[:, :, :_HASH_SIZE].reshape(len(pixels), -1)
   bits = low > np.median(low, axis=1, keepdims=True)
   packed = np.packbits(bits, axis=1)  # 8 bytes, most significant bit first
   return packed.view(">u8").reshape(-1).astype(np.uint64)
