@@ -15,10 +15,11 @@ compiled with numba and vectorised over image rows:
 - the horizontal pass runs first and rounds to uint8 (PIL's intermediate
   image), then the vertical pass, except for crops over 100x taller than
   wide, which `Image.resize` resizes vertically first;
-- each pass sums in int32 as PIL's `int ss0` does, vectorised over the image
-  lines a tap multiplies (8 lanes per instruction), and rounds with
-  `clip8((2^21 + sum) >> 22)`; the horizontal pass is ~6 multiply-adds per
-  crop pixel, as in PIL, so the gain is vector width, not less work.
+- both passes sum in int32 as PIL's `int ss0` does and round with
+  `clip8((2^21 + sum) >> 22)`; the horizontal pass (the bulk: ~6
+  multiply-adds per crop pixel, as in PIL) is vectorised over the image rows
+  each tap multiplies (8 lanes per instruction), the vertical pass is one
+  dot product per output along a row of the horizontal pass's result.
 
 Windows sharing a column range (union views of one wide object) share one
 horizontal pass over the union of their rows, and each input size's
