@@ -162,6 +162,30 @@ def test_two_processes_give_identical_records(tmp_path):
           np.testing.assert_array_equal(ra[key], rb[key])
 
 
+def test_exact_and_fast_hash_write_identical_records(tmp_path):
+  """data.god_hash only picks the pHash implementation: the records are the same, so a
+  dataset built with one is reused by the other (the method is not in its identity)."""
+  fast, exact = tmp_path / "fast", tmp_path / "exact"
+  for d in (fast, exact):
+    _build_base(d)
+  kw = dict(top_k=2, score_threshold=0.0, tag_vocab_size=8)
+  out = god_tfds.build(BASE, data_dir=str(fast), **kw, hash_method="fast")
+  god_tfds.build(BASE, data_dir=str(exact), **kw, hash_method="exact")
+  for split in ("train", "validation", "test"):
+    a = god_tfds.load_source(BASE, split, str(fast))
+    b = god_tfds.load_source(BASE, split, str(exact))
+    for i in range(len(a)):
+      for ra, rb in zip(a[i]["regions"], b[i]["regions"]):
+        for key in ("views", "view_distance", "tag_ids", "bbox"):
+          np.testing.assert_array_equal(ra[key], rb[key])
+  shard = [f for f in os.listdir(out) if "train.array_record" in f][0]
+  stamp = os.path.getmtime(os.path.join(out, shard))
+  god_tfds.build(BASE, data_dir=str(fast), **kw, hash_method="exact")
+  assert os.path.getmtime(os.path.join(out, shard)) == stamp
+  with pytest.raises(ValueError, match="data.god_hash"):
+    god_tfds.build(BASE, data_dir=str(fast), **kw, hash_method="approx")
+
+
 _HAS_BEAM = importlib.util.find_spec("apache_beam") is not None
 _BEAM_HOW = ("apache_beam is not installed in this venv; the Beam path runs in its own: "
              "python -m venv .venv-beam && .venv-beam/bin/pip install -e '.[beam,test]', then "
