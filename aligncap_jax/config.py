@@ -111,6 +111,11 @@ def base_config() -> ml_collections.ConfigDict:
       # reference code: the target's box in each view) or "whole_view" (departure:
       # each view over its own extent; view 0 always pools the target box).
       candidate_pool="target_box",
+      # Departure (DESIGN.md section 10): add to every token of view v a learned
+      # linear embedding (zero-init) of the target box's place in that view
+      # (`view_boxes[:, v]` / view size: corners, centre, extent), so the fused
+      # tokens say where the target sits in each context view.
+      view_box_embedding=False,
       dtype="float32",                # activations of the trainable blocks
       frozen_dtype="bfloat16",        # frozen towers' params and activations
       remat=True,                     # rematerialise transformer layers

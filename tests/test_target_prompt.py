@@ -87,3 +87,35 @@ def test_whole_view_pooling_reads_candidate_views_over_their_whole_extent():
   f2 = _logits_fn(m2)
   assert np.abs(np.asarray(f2(params, dict(batch, view_boxes=moved)))
                 - np.asarray(f2(params, batch))).max() > 1e-4
+
+
+def test_box_geometry_is_corners_centre_and_extent_over_the_view_size():
+  got = np.asarray(ops.box_geometry(jnp.asarray([[8.0, 16.0, 24.0, 64.0]]), 64.0))
+  np.testing.assert_allclose(got, [[0.125, 0.25, 0.375, 1.0, 0.25, 0.625, 0.25, 0.75]],
+                             rtol=1e-7)   # exact binary fractions
+
+
+def test_view_box_embedding_starts_at_zero_and_then_tells_where_the_target_sits():
+  c_off, c_on = tiny_config(), tiny_config(view_box_embedding=True)
+  batch = make_batch(c_on)
+  te = jnp.zeros((V, c_on.model.clip_text.projection_dim), jnp.float32)
+  m_off, m_on = aligncap.build_model(c_off, V), aligncap.build_model(c_on, V)
+  p_on = _init(m_on, batch, te)
+  assert p_on["view_box_proj"]["kernel"].shape == (8, c_on.model.vision.hidden_size)
+  p_off = {k: v for k, v in p_on.items() if k != "view_box_proj"}
+  on, off = _logits_fn(m_on), _logits_fn(m_off)
+  np.testing.assert_array_equal(np.asarray(on(p_on, batch)), np.asarray(off(p_off, batch)))
+  grad = jax.jit(jax.grad(lambda p: m_on.apply({"params": p}, batch, te, train=False)[0]))(p_on)
+  assert float(jnp.abs(grad["view_box_proj"]["kernel"]).max()) > 0
+  # Once learned, the embedding is what the caption reads: non-zero weights change
+  # the logits, and by how much depends on the boxes' geometry alone.
+  p_zero = p_on
+  p_one = dict(p_on, view_box_proj={"kernel": jnp.ones_like(p_on["view_box_proj"]["kernel"]),
+                                    "bias": p_on["view_box_proj"]["bias"]})
+  moved = batch["view_boxes"].copy()
+  moved[:, 1:] = moved[:, 1:] * 0.5
+  moved_batch = dict(batch, view_boxes=moved)
+  effect = np.asarray(on(p_one, batch) - on(p_zero, batch))
+  effect_moved = np.asarray(on(p_one, moved_batch) - on(p_zero, moved_batch))
+  assert np.abs(effect).max() > 1e-3
+  assert np.abs(effect - effect_moved).max() > 1e-3

@@ -82,6 +82,11 @@ class AlignCap(nn.Module):
       self.target_embedding = self.param(
           "target_embedding", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
           (m.vision.hidden_size,), pdt)
+    if m.view_box_embedding:
+      self.view_box_proj = nn.Dense(
+          m.vision.hidden_size, dtype=dt, param_dtype=pdt, name="view_box_proj",
+          kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
     self.qformer = qformer_lib.QFormer(
         _tower_config(qformer_lib.QFormerConfig, m.qformer, m), dtype=dt, param_dtype=pdt)
     self.clip_text = clip_text_lib.CLIPTextEncoder(
@@ -152,6 +157,9 @@ class AlignCap(nn.Module):
     per_view = jnp.concatenate([cls, pooled], axis=1)
     length, c = per_view.shape[1], per_view.shape[2]
     per_view = per_view.reshape((b, j, length, c))
+    if m.view_box_embedding:
+      per_view = per_view + self.view_box_proj(
+          ops.box_geometry(batch["view_boxes"].astype(jnp.float32), float(s)))[:, :, None]
     target = per_view[:, 0]
     if j > 1:
       cand = per_view[:, 1:].reshape((b * (j - 1), length, c))

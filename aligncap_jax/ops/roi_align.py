@@ -164,3 +164,20 @@ def box_coverage(boxes: jax.Array, grid_size: int, cell_size: float) -> jax.Arra
   fx = overlap(boxes[:, 0], boxes[:, 2])
   fy = overlap(boxes[:, 1], boxes[:, 3])
   return (fy[:, :, None] * fx[:, None, :]).reshape((boxes.shape[0], grid_size * grid_size))
+
+
+def box_geometry(boxes: jax.Array, size: float) -> jax.Array:
+  """Scale-free features of boxes inside a `size x size` view.
+
+  Args:
+    boxes: float[..., 4] `x1, y1, x2, y2` in view pixels.
+    size: the view's side in pixels.
+
+  Returns:
+    float32[..., 8]: the corners, the centre and the extent, each divided by
+    `size` (so in [0, 1] for boxes inside the view).
+  """
+  b = boxes.astype(jnp.float32) / size
+  centre = (b[..., :2] + b[..., 2:]) / 2
+  extent = b[..., 2:] - b[..., :2]
+  return jnp.concatenate([b, centre, extent], axis=-1)
