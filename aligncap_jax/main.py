@@ -90,7 +90,9 @@ def _dispatch(config, workdir: str | None, mode: str) -> None:
 def _enable_compilation_cache(jax, config, workdir: str | None, mode: str) -> str | None:
   """Points JAX's persistent compilation cache at <workdir>/compilation_cache.
 
-  Config `train.compilation_cache`, for the modes that compile in a workdir.
+  Config `train.compilation_cache`, for the modes that compile in a workdir. A
+  cache folder the user already chose (`JAX_COMPILATION_CACHE_DIR`, e.g. one
+  shared by many runs, as `launch/test.sh` does for the suite) is kept.
   Every compile is cached (JAX's default skips those under 1 s, i.e. most CPU
   compiles). A workdir that eval/predict/serve/export would reject as missing
   is not created here.
@@ -101,7 +103,8 @@ def _enable_compilation_cache(jax, config, workdir: str | None, mode: str) -> st
   if (not config.train.compilation_cache or mode not in _NEEDS_WORKDIR or not workdir
       or (mode != "train" and "://" not in workdir and not os.path.isdir(workdir))):
     return None
-  path = os.path.join(workdir, COMPILATION_CACHE_DIR)
+  path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+      workdir, COMPILATION_CACHE_DIR)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return path

@@ -37,6 +37,15 @@ workers=${ALIGNCAP_TEST_WORKERS:-$(nproc 2>/dev/null || echo 2)}
 xdist=()
 if [[ $workers -gt 4 ]]; then workers=4; fi   # memory: each worker compiles its own models
 if [[ $workers -gt 1 ]]; then xdist=(-n "$workers" --dist loadfile); fi
+# One persistent compilation cache for this run, shared by the xdist workers and every
+# subprocess the tests start (main keeps a JAX_COMPILATION_CACHE_DIR it is given): the
+# tiny models are compiled once per run, not once per process. Every compile is
+# cached (JAX skips those under 1 s by default, i.e. most CPU compiles).
+if [[ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]]; then
+  JAX_COMPILATION_CACHE_DIR=$(mktemp -d -t aligncap_test_jax_cache.XXXXXX)
+  trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+fi
+export JAX_COMPILATION_CACHE_DIR JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 set +e
 .venv/bin/python -m pytest tests -q -p no:cacheprovider --durations=15 "${xdist[@]}" "$@"
 rc=$?

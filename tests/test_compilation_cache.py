@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _train(workdir, *overrides):
   # JAX_LOG_COMPILES: every compile and every persistent-cache hit is logged (WARNING).
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)   # the suite's shared cache (launch/test.sh)
   cmd = [sys.executable, os.path.join(ROOT, "tests", "fixtures_train.py"),
          "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", str(workdir),
          "--mode", "train", "--config.train.total_steps=1",
@@ -57,7 +58,8 @@ def _fake_jax():
       update=lambda k, v: updates.__setitem__(k, v))), updates
 
 
-def test_cache_folder_switch_and_modes(tmp_path):
+def test_cache_folder_switch_and_modes(tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   config = tiny.get_config()
   jax, updates = _fake_jax()
   path = main_lib._enable_compilation_cache(jax, config, str(tmp_path / "new"), "train")
@@ -74,6 +76,13 @@ def test_cache_folder_switch_and_modes(tmp_path):
   jax, updates = _fake_jax()
   assert main_lib._enable_compilation_cache(jax, config, str(tmp_path), "train") is None
   assert not updates
+
+
+def test_a_cache_folder_the_user_chose_is_kept(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "shared"))
+  jax, updates = _fake_jax()
+  path = main_lib._enable_compilation_cache(jax, tiny.get_config(), str(tmp_path / "w"), "train")
+  assert path == str(tmp_path / "shared") == updates["jax_compilation_cache_dir"]
 
 
 def test_compilation_cache_field_is_known():
