@@ -234,8 +234,9 @@ class Evaluator:
       # Synthetic captions follow one grammar: score the target and context halves.
       from aligncap_jax.metrics import attributes  # pylint: disable=g-import-not-at-top
       refs = [t["references"] for t in targets]
-      if all(attributes.parse_caption(r) for rs in refs for r in rs):
-        attrs = attributes.attribute_accuracy([d["caption"] for d in decoded], refs)
+      grammar = attributes.grammar_for(self.config.data.name)
+      if all(attributes.parse_caption(r, grammar) for rs in refs for r in rs):
+        attrs = attributes.attribute_accuracy([d["caption"] for d in decoded], refs, grammar)
         if getattr(self.pipeline, "__name__", "") == "aligncap_jax.data.pipeline":
           # What the selected views can show at all bounds the context half.
           # It depends on the data alone: computed once per Evaluator, not per eval.

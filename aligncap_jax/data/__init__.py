@@ -10,3 +10,4 @@ from aligncap_jax.data.pipeline import make_train_iterator
 from aligncap_jax.data.pipeline import prepare
 from aligncap_jax.data.pipeline import train_prompt
 from aligncap_jax.data.synthetic import SyntheticRegions
+from aligncap_jax.data.synthetic_hard import SyntheticRegionsHard

@@ -1,9 +1,11 @@
 """How often the views a region gets can show its caption's context at all.
 
-A synthetic caption names the target's nearest neighbour. The model can only read
-that neighbour from a context view that contains it, so the fraction of evaluation
-targets whose neighbour box lies inside one of their selected views bounds the
-context half of the per-attribute accuracy. Reported beside it by `--mode eval`.
+A synthetic caption names the target's neighbour (default variant: the nearest
+object; hard variant: the nearest object outside the target's box,
+`synthetic_hard.neighbour_index`). The model can only read that neighbour from a
+context view that contains it, so the fraction of evaluation targets whose
+neighbour box lies inside one of their selected views bounds the context half of
+the per-attribute accuracy. Reported beside it by `--mode eval`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import numpy as np
 
 from aligncap_jax.data import god
 from aligncap_jax.data import pipeline
+from aligncap_jax.data import synthetic_hard
 from aligncap_jax.data import transforms
 
 # Region boxes carry +-1 px of jitter around the drawn shape (data/synthetic.py).
@@ -22,6 +25,18 @@ def _nearest(boxes: np.ndarray, i: int) -> int:
   d = ((centres - centres[i]) ** 2).sum(-1)
   d[i] = np.inf
   return int(np.argmin(d))
+
+
+def _neighbour_box(name: str, boxes: np.ndarray, i: int) -> np.ndarray:
+  """The box of region i's neighbour, by the rule of dataset `name`'s generator."""
+  if name != synthetic_hard.NAME:
+    return boxes[_nearest(boxes, i)]
+  # One region per paraphrase shares an object's box: neighbours are objects.
+  objects, where = np.unique(boxes, axis=0, return_inverse=True)
+  first = sorted(range(len(objects)), key=lambda k: int(np.flatnonzero(where.ravel() == k)[0]))
+  ordered = objects[first]
+  target = first.index(int(where.ravel()[i]))
+  return ordered[synthetic_hard.neighbour_index(ordered, target)]
 
 
 def _inside(inner: np.ndarray, outer: np.ndarray) -> bool:
@@ -46,7 +61,7 @@ def context_reach(config, split: str, max_examples: int = 0) -> dict[str, float]
     boxes = np.stack([np.asarray(r["bbox"], np.float32) for r in regions])
     if len(boxes) < 2:
       continue
-    neighbour = boxes[_nearest(boxes, t["_region"])]
+    neighbour = _neighbour_box(config.data.name, boxes, t["_region"])
     region = regions[t["_region"]]
     box = transforms.clip_box(region["bbox"], w, h)
     pool = np.asarray(region["views"], np.float32).reshape(-1, 4)

@@ -2,7 +2,8 @@
 
 What the trainer, evaluator and predictor call:
 
-- `prepare(config)` makes sure the datasets exist (builds the synthetic one);
+- `prepare(config)` makes sure the datasets exist (builds the synthetic ones,
+  `SYNTHETIC_BUILDERS`);
 - `load_assets(config)` loads the tokenizers, tag vocabulary and the tag tables;
 - `make_train_iterator` / `make_eval_iterator` / `make_predict_batch` give batch
   dicts with the DESIGN.md section 10 layout:
@@ -39,9 +40,12 @@ import tensorflow_datasets as tfds
 import tokenizers
 from absl import logging
 
-from aligncap_jax.data import god, god_tfds, synthetic, tags, tokenizer, transforms
+from aligncap_jax.data import god, god_tfds, synthetic, synthetic_hard, tags, tokenizer, transforms
 
 SYNTHETIC_NAME = "synthetic_regions"
+# The embedded datasets `prepare` builds itself, by `config.data.name`.
+SYNTHETIC_BUILDERS = {SYNTHETIC_NAME: synthetic.SyntheticRegions,
+                      synthetic_hard.NAME: synthetic_hard.SyntheticRegionsHard}
 _STATS: collections.Counter = collections.Counter()
 _STATS_LOCK = threading.Lock()
 
@@ -70,8 +74,8 @@ def data_dir(config) -> str:
 
 
 def _synthetic_builder(config, **kwargs) -> synthetic.SyntheticRegions:
-  return synthetic.SyntheticRegions(data_dir=data_dir(config), file_format="array_record",
-                                    **kwargs)
+  cls = SYNTHETIC_BUILDERS[config.data.name]
+  return cls(data_dir=data_dir(config), file_format="array_record", **kwargs)
 
 
 def dataset_tokenizer_path(config) -> str:
@@ -97,7 +101,8 @@ def prepare(config, *, build_missing_synthetic: bool = True, build_real: bool = 
       message says what to run.
   """
   name, ddir = config.data.name, data_dir(config)
-  if name == SYNTHETIC_NAME:
+  synthetic_data = name in SYNTHETIC_BUILDERS
+  if synthetic_data:
     _prepare_synthetic(config, build=build_missing_synthetic)
   elif build_real:
     from aligncap_jax.data import builders  # real datasets only
@@ -106,11 +111,11 @@ def prepare(config, *, build_missing_synthetic: bool = True, build_real: bool = 
                      strict=config.data.strict, split_file=config.data.split_file)
   if _god_ready(config):
     return
-  if name != SYNTHETIC_NAME and not build_real:
+  if not synthetic_data and not build_real:
     raise FileNotFoundError(
         f"GOD dataset {name}_god not found in {ddir}; build it once with "
         f"`python -m aligncap_jax.main --config CONFIG --workdir DIR --mode prepare`")
-  if name == SYNTHETIC_NAME and not build_missing_synthetic:
+  if synthetic_data and not build_missing_synthetic:
     raise FileNotFoundError(f"GOD dataset {name}_god not found in {ddir}")
   print(f"[prepare] running GOD on {name} -> {name}_god in {ddir}", flush=True)
   god_tfds.build(name, data_dir=ddir, top_k=config.data.god_top_k,
@@ -124,7 +129,7 @@ def prepare(config, *, build_missing_synthetic: bool = True, build_real: bool = 
 
 
 def _prepare_synthetic(config, *, build: bool) -> None:
-  ddir = data_dir(config)
+  ddir, name = data_dir(config), config.data.name
   want = synthetic.generator_settings(config.data.synthetic)
   builder = _synthetic_builder(config)
   if builder.is_prepared():
@@ -134,15 +139,15 @@ def _prepare_synthetic(config, *, build: bool) -> None:
         _train_tokenizer(config, builder)
       return
     if not build:
-      raise FileNotFoundError(f"{SYNTHETIC_NAME} in {ddir} was built with {have}, "
+      raise FileNotFoundError(f"{name} in {ddir} was built with {have}, "
                               f"the config asks for {want}")
-    print(f"[prepare] {SYNTHETIC_NAME} in {ddir} was built with {have}; rebuilding with {want}",
+    print(f"[prepare] {name} in {ddir} was built with {have}; rebuilding with {want}",
           flush=True)
-    for folder in (SYNTHETIC_NAME, f"{SYNTHETIC_NAME}_god"):
+    for folder in (name, f"{name}_god"):
       shutil.rmtree(os.path.join(ddir, folder), ignore_errors=True)
   elif not build:
-    raise FileNotFoundError(f"{SYNTHETIC_NAME} not found in {ddir}")
-  print(f"[prepare] building {SYNTHETIC_NAME} {want} in {ddir}", flush=True)
+    raise FileNotFoundError(f"{name} not found in {ddir}")
+  print(f"[prepare] building {name} {want} in {ddir}", flush=True)
   builder = _synthetic_builder(config, **want)
   builder.download_and_prepare()
   _train_tokenizer(config, builder)
@@ -200,7 +205,7 @@ def _tokenizer_for(config, field: str) -> tokenizers.Tokenizer:
   path = config.data[field]
   if path:
     return tokenizer.load(path)
-  own = dataset_tokenizer_path(config) if config.data.name == SYNTHETIC_NAME else None
+  own = dataset_tokenizer_path(config) if config.data.name in SYNTHETIC_BUILDERS else None
   if own is None or not os.path.isfile(own):
     raise FileNotFoundError(
         f"config.data.{field} is not set and dataset {config.data.name} stores no tokenizer"

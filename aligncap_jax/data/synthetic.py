@@ -10,6 +10,11 @@ class with noisy boxes, some misses and a few low-score false positives.
 Everything is a pure function of `(seed, split, image index)`, so a build is
 reproducible and images can be generated in any order.
 
+The caption words and templates are a `Grammar` (`GRAMMAR` here), which the
+attribute parser (`aligncap_jax.metrics.attributes`) reads too. The hard
+variant, `synthetic_hard.py`, reuses this module's relation rule, detector and
+record layout with its own grammar and scenes.
+
 The TFDS builder writes the record layout shared with the real datasets
 (issue #5): `image` (PNG), `image_id`, `width`, `height`, `regions` =
 Sequence{`id`, `bbox` float32[4] x1,y1,x2,y2, `caption`}, `objects` =
@@ -18,6 +23,7 @@ Sequence{`label`, `bbox`, `score`}.
 from __future__ import annotations
 
 import dataclasses
+import string
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -45,6 +51,69 @@ _FALSE_POSITIVE_RATE = 0.5   # expected spurious detections per image
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 _IMAGE_ID_STRIDE = 1_000_000    # image_id = split code * stride + index + 1
 _REGION_ID_STRIDE = 16          # region_id = image_id * stride + object index
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """One way of writing a region's fact as a caption.
+
+  Attributes:
+    text: words and fields: `{a}` / `{n_a}` (the article of the next word),
+      `{size}`, `{pattern}`, `{colour}`, `{shape}` (the target), `{relation}`,
+      `{n_colour}`, `{n_shape}` (the neighbour).
+    relation_words: (relation of the target w.r.t. its neighbour, the words
+      `{relation}` writes for it) for each of `RELATIONS`; a template that names
+      the neighbour first writes the inverse relation.
+  """
+  text: str
+  relation_words: tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Grammar:
+  """The words and templates of a synthetic variant's captions: the one source
+  both the generator (`render`) and the attribute parser
+  (`aligncap_jax.metrics.attributes`) read.
+
+  Attributes:
+    sizes, colours, shapes: the target's attribute words (neighbours use
+      colours and shapes).
+    patterns: fill pattern words; empty when captions name no pattern.
+    templates: the paraphrases of one fact.
+  """
+  sizes: tuple[str, ...]
+  colours: tuple[str, ...]
+  shapes: tuple[str, ...]
+  patterns: tuple[str, ...]
+  templates: tuple[Template, ...]
+
+  @property
+  def fields(self) -> tuple[str, ...]:
+    """The keys of a parsed caption (`pattern` only when the grammar has patterns)."""
+    return (("size",) + (("pattern",) if self.patterns else ())
+            + ("colour", "shape", "relation", "n_colour", "n_shape"))
+
+  def render(self, template: int, fact: dict[str, str]) -> str:
+    """The caption of `fact` ({field: word}, relation canonical) in one template."""
+    t = self.templates[template]
+    words = dict(t.relation_words)
+    values = {k: v for k, v in fact.items() if k != "relation"}
+    text = t.text.format(a="{a}", n_a="{a}", relation=words[fact["relation"]], **values)
+    out = text.split()
+    for k, w in enumerate(out):
+      if w == "{a}":
+        out[k] = _article(out[k + 1])
+    return " ".join(out)
+
+  def slots(self, template: int) -> list[tuple[str, str | None]]:
+    """(literal text, field name or None) pieces of a template, in order."""
+    return [(lit, name) for lit, name, _, _ in string.Formatter().parse(self.templates[template].text)]
+
+
+GRAMMAR = Grammar(
+    sizes=SIZES, colours=tuple(COLOURS), shapes=SHAPES, patterns=(),
+    templates=(Template("{a} {size} {colour} {shape} {relation} {n_a} {n_colour} {n_shape}",
+                        tuple((r, r) for r in RELATIONS)),))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +170,9 @@ def caption(shapes: tuple[Shape, ...], i: int) -> str:
   """Region caption of shape i: attributes + relation to its nearest neighbour."""
   s = shapes[i]
   n = shapes[nearest_neighbour(shapes, i)]
-  return (f"a {s.size} {s.colour} {s.shape} {relation(s.box, n.box)} "
-          f"{_article(n.colour)} {n.colour} {n.shape}")
+  return GRAMMAR.render(0, dict(size=s.size, colour=s.colour, shape=s.shape,
+                                relation=relation(s.box, n.box),
+                                n_colour=n.colour, n_shape=n.shape))
 
 
 def _article(word: str) -> str:
@@ -156,8 +226,13 @@ def _render(rng: np.random.Generator, shapes: tuple[Shape, ...], image_size: int
   return np.asarray(pil)
 
 
-def _detect(rng: np.random.Generator, shapes: tuple[Shape, ...], image_size: int) -> tuple[dict, ...]:
-  """Simulated detector: noisy boxes, misses, low-score false positives."""
+def _detect(rng: np.random.Generator, shapes, image_size: int,
+            labels: tuple[str, ...] = SHAPES) -> tuple[dict, ...]:
+  """Simulated detector: noisy boxes, misses, low-score false positives.
+
+  `shapes` need `.shape` (the class) and `.box`; false positives take a class
+  from `labels`.
+  """
   dets = []
   for s in shapes:
     if rng.random() < _MISS_PROB:
@@ -172,7 +247,7 @@ def _detect(rng: np.random.Generator, shapes: tuple[Shape, ...], image_size: int
   for _ in range(int(rng.poisson(_FALSE_POSITIVE_RATE))):
     w, h = rng.uniform(0.05, 0.3, size=2) * image_size
     x1, y1 = rng.uniform(0, image_size - w), rng.uniform(0, image_size - h)
-    dets.append({"label": SHAPES[int(rng.integers(len(SHAPES)))],
+    dets.append({"label": labels[int(rng.integers(len(labels)))],
                  "bbox": np.array([x1, y1, x1 + w, y1 + h], np.float32),
                  "score": float(rng.uniform(0.05, 0.3))})
   return tuple(dets)
@@ -197,7 +272,8 @@ def image_id(split: str, index: int) -> int:
   return _SPLIT_CODES[split] * _IMAGE_ID_STRIDE + index + 1
 
 
-def scene_record(scene: Scene, split: str, index: int) -> dict:
+def scene_record(scene: Scene, split: str, index: int,
+                 region_id_stride: int = _REGION_ID_STRIDE) -> dict:
   """The TFDS record (issue #5 layout) of one scene."""
   iid = image_id(split, index)
   h, w = scene.image.shape[:2]
@@ -207,7 +283,7 @@ def scene_record(scene: Scene, split: str, index: int) -> dict:
       "width": w,
       "height": h,
       "regions": {
-          "id": np.array([iid * _REGION_ID_STRIDE + k for k in range(len(scene.captions))], np.int64),
+          "id": np.array([iid * region_id_stride + k for k in range(len(scene.captions))], np.int64),
           "bbox": scene.region_boxes.reshape(-1, 4),
           "caption": list(scene.captions),
       },
@@ -229,6 +305,7 @@ class SyntheticRegions(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
+  DESCRIPTION = __doc__
 
   def __init__(self, *, num_train_images: int | None = None,
                num_validation_images: int | None = None,
@@ -242,7 +319,7 @@ class SyntheticRegions(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     box = tfds.features.Tensor(shape=(4,), dtype=np.float32)
     return self.dataset_info_from_configs(
-        description=__doc__,
+        description=self.DESCRIPTION,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
             "image_id": np.int64,
@@ -261,7 +338,7 @@ class SyntheticRegions(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     missing = [k for k, v in self._gen.items() if v is None]
     if missing:
-      raise ValueError(f"synthetic_regions: building needs {missing} "
+      raise ValueError(f"{self.name}: building needs {missing} "
                        "(pass config.data.synthetic to the builder)")
     counts = {"train": self._gen["num_train_images"],
               "validation": self._gen["num_validation_images"],
@@ -270,8 +347,11 @@ class SyntheticRegions(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, count: int):
     for i in range(count):
-      scene = generate_scene(self._gen["seed"], split, i, self._gen["image_size"])
-      yield i, scene_record(scene, split, i)
+      yield i, self._record(split, i)
+
+  def _record(self, split: str, index: int) -> dict:
+    scene = generate_scene(self._gen["seed"], split, index, self._gen["image_size"])
+    return scene_record(scene, split, index)
 
 
 def generator_settings(synthetic_config) -> dict:
