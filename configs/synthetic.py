@@ -10,8 +10,24 @@ Run:
   python -m aligncap_jax.main --config configs/synthetic.py --workdir workdirs/synthetic --mode train
   python -m aligncap_jax.main --config configs/synthetic.py --workdir workdirs/synthetic --mode eval
 Variants: `configs/synthetic.py:dot` (SigLIP-style dot-product similarity instead of
-the paper's cross-attention scorer), `configs/synthetic.py:smoke` (a few steps).
+the paper's cross-attention scorer), `configs/synthetic.py:smoke` (a few steps),
+`configs/synthetic.py:hard` (the harder benchmark below).
 Expected: see README "Results on the synthetic dataset" (CIDEr >= 60 on the test split).
+
+`hard`: the same model and budget on `synthetic_regions_hard`
+(`aligncap_jax/data/synthetic_hard.py`, its own TFDS dataset and GOD dataset, so
+both variants live in one TFDS_DATA_DIR): 3-8 objects per scene, some
+overlapping; 12 colours in close pairs, 8 shapes, 3 sizes, 4 fill patterns; four
+paraphrase templates per fact (one per train region, all four as references of a
+test target); the neighbour a caption names lies outside the target's box, so
+only a context view shows it. `god_top_k = 8` lets every shape class make views.
+Counts and image size come from `data.synthetic` as for the default (2,000 train
+images build with GOD in ~20 s on 2 cores). Measured on its test split (544
+targets): the neighbour lies inside one of the `num_views - 1 = 2` views eval
+selects for 64% of targets (num_views 4: 77%, 5: 84%), inside some stored view
+for 89% (the detector's misses and box noise take the rest); a constant caption
+scores size 0.37, pattern 0.26, colour 0.09, shape 0.12, relation 0.25,
+neighbour 0.01, exact match 0. Eval also writes `attr_pattern`.
 """
 from aligncap_jax import config as base
 
@@ -70,7 +86,10 @@ def get_config(arg: str | None = None):
   c.train.eval_batch_size = 50
   c.decode.update(num_beams=2, max_new_tokens=16)
 
-  if arg == "dot":
+  if arg == "hard":
+    c.data.name = "synthetic_regions_hard"
+    c.data.god_top_k = 8          # every shape class makes views
+  elif arg == "dot":
     m.similarity = "dot"
   elif arg == "smoke":
     c.train.total_steps = 20
@@ -78,5 +97,6 @@ def get_config(arg: str | None = None):
     c.train.checkpoint_every_steps = 10
     c.train.eval_max_examples = 20
   elif arg:
-    raise ValueError(f"unknown variant '{arg}' of configs/synthetic.py (known: dot, smoke)")
+    raise ValueError(f"unknown variant '{arg}' of configs/synthetic.py "
+                     "(known: dot, hard, smoke)")
   return c
