@@ -135,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.trainable = [
       r"^cross_view/", r"^view_fusion/", r"^qformer/",
       r"^language_projection/", r"^tagging/", r"^cond_", r"^multi_",
-      r"^prompt_vector$", r"^target_embedding$",
+      r"^prompt_vector$", r"^target_embedding$", r"^view_box_proj/",
   ]
 
   # ---------------------------------------------------------------- loss

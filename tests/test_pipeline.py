@@ -71,6 +71,19 @@ def test_prepare_writes_everything_and_reuses_it(prepared):
     assert assets.tag_clip_tokens[i, n - 1] == 1     # CLIP ids end with EOS
 
 
+def test_god_settings_changed_in_the_config_rebuild_or_are_refused(tmp_path):
+  """A GOD dataset is reused only if it was built with the config's settings."""
+  config = _config(tmp_path)
+  pipeline.prepare(config)
+  assert pipeline._god_settings_match(config)
+  config.data.god_top_k = 1
+  assert not pipeline._god_settings_match(config)
+  with pytest.raises(ValueError, match=r"other settings.*data\.god_top_k=1"):
+    pipeline.prepare(config, build_missing_synthetic=False)
+  pipeline.prepare(config)   # may build: rebuilds with the new setting
+  assert pipeline._god_settings_match(config)
+
+
 def test_real_dataset_without_god_says_run_prepare(tmp_path):
   config = _config(tmp_path)
   config.data.name = "visual_genome_regions"

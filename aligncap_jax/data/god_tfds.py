@@ -116,6 +116,25 @@ def build(base_name: str, *, data_dir: str | None, top_k: int, score_threshold: 
   return builder.data_dir
 
 
+def settings_match(base_name: str, *, data_dir: str | None, top_k: int, score_threshold: float,
+                   tag_vocab_size: int, tag_list_file: str | None = None,
+                   detections_file: str | None = None) -> bool:
+  """Whether the prepared `<base_name>_god` was built from these settings and base.
+
+  A GOD dataset written before its settings were recorded matches (nothing to
+  compare; a warning says so).
+  """
+  params = god_builder.GodParams(top_k=top_k, score_threshold=score_threshold,
+                                 tag_vocab_size=tag_vocab_size, tag_list_file=tag_list_file,
+                                 detections_file=detections_file)
+  path = os.path.join(god_dir(base_name, data_dir), god_builder.PARAMS_FILE)
+  if not os.path.exists(path):
+    logging.warning("%s records no build settings; assuming they match the config", path)
+    return True
+  with open(path) as f:
+    return json.load(f) == _identity(params, base_name, data_dir)
+
+
 def god_dir(base_name: str, data_dir: str | None) -> str:
   """Folder of the prepared `<base_name>_god` dataset."""
   try:

@@ -109,14 +109,22 @@ def prepare(config, *, build_missing_synthetic: bool = True, build_real: bool = 
 
     builders.prepare(name, data_dir=ddir, manual_dir=config.data.manual_dir,
                      strict=config.data.strict, split_file=config.data.split_file)
-  if _god_ready(config):
+  ready = _god_ready(config)
+  if ready and _god_settings_match(config):
     return
-  if not synthetic_data and not build_real:
+  if (not synthetic_data and not build_real) or (synthetic_data and not build_missing_synthetic):
+    if ready:
+      raise ValueError(
+          f"GOD dataset {name}_god in {ddir} was built with other settings than the config "
+          f"asks for (data.god_top_k={config.data.god_top_k}, data.god_score_threshold="
+          f"{config.data.god_score_threshold}, data.tag_vocab_size={config.data.tag_vocab_size}, "
+          f"data.tag_list_file, data.detections_file; see {name}_god's "
+          f"{god_tfds.god_builder.PARAMS_FILE}); rebuild it with `--mode prepare` or use its settings")
+    if synthetic_data:
+      raise FileNotFoundError(f"GOD dataset {name}_god not found in {ddir}")
     raise FileNotFoundError(
         f"GOD dataset {name}_god not found in {ddir}; build it once with "
         f"`python -m aligncap_jax.main --config CONFIG --workdir DIR --mode prepare`")
-  if synthetic_data and not build_missing_synthetic:
-    raise FileNotFoundError(f"GOD dataset {name}_god not found in {ddir}")
   print(f"[prepare] running GOD on {name} -> {name}_god in {ddir}", flush=True)
   god_tfds.build(name, data_dir=ddir, top_k=config.data.god_top_k,
                  score_threshold=config.data.god_score_threshold,
@@ -166,6 +174,14 @@ def _train_tokenizer(config, builder) -> None:
 
 def _god_ready(config) -> bool:
   return god_tfds.is_built(config.data.name, data_dir(config))
+
+
+def _god_settings_match(config) -> bool:
+  d = config.data
+  return god_tfds.settings_match(d.name, data_dir=data_dir(config), top_k=d.god_top_k,
+                                 score_threshold=d.god_score_threshold,
+                                 tag_vocab_size=d.tag_vocab_size, tag_list_file=d.tag_list_file,
+                                 detections_file=d.detections_file)
 
 
 # ------------------------------------------------------------------ assets
