@@ -147,16 +147,15 @@ def test_train_batch_fields_and_geometry(prepared):
     assert assets.llm_tokenizer.decode(batch["caption_tokens"][r, :n - 1].tolist()) == reg["caption"]
     # tag labels = the region's GOD tag ids
     np.testing.assert_array_equal(np.flatnonzero(batch["tag_labels"][r]), np.sort(reg["tag_ids"]))
-    # prompt: dropped (all zero) or ends with "|", EOS and uses only the region's tags
+    # prompt: ends with "|", EOS and uses only the region's tags (a dropped prompt
+    # is the no-tag prompt, "|" and EOS)
     m = batch["prompt_mask"][r].sum()
-    if m == 0:
-      assert np.all(batch["prompt_tokens"][r] == 0)
-    else:
-      toks = batch["prompt_tokens"][r, :m].tolist()
-      assert toks[-2:] == [assets.bar_id, assets.eos_id]
-      allowed = {assets.comma_id} | {
-          int(t) for i in reg["tag_ids"] for t in assets.tag_token_table[i, :assets.tag_token_lens[i]]}
-      assert set(toks[:-2]) <= allowed
+    assert m >= 2 and np.all(batch["prompt_tokens"][r, m:] == 0)
+    toks = batch["prompt_tokens"][r, :m].tolist()
+    assert toks[-2:] == [assets.bar_id, assets.eos_id]
+    allowed = {assets.comma_id} | {
+        int(t) for i in reg["tag_ids"] for t in assets.tag_token_table[i, :assets.tag_token_lens[i]]}
+    assert set(toks[:-2]) <= allowed
 
 
 def test_train_iterator_covers_each_epoch_and_reshuffles(prepared):
@@ -312,26 +311,32 @@ def test_train_prompt_dropout_statistics():
   a = _toy_assets()
   w = a.llm_tokenizer.token_to_id
   rng = np.random.default_rng(123)
-  dropped, kept, orders, n = 0, np.zeros(3), set(), 4000
+  empty = pipeline.build_prompt([], a, P)
+  n_empty, kept, orders, n = 0, np.zeros(3), set(), 4000
   first = {w("red"): 0, w("circle"): 1, w("big"): 2}
   for _ in range(n):
     toks, mask = pipeline.train_prompt([0, 1, 2], a, P, rng, prompt_drop_prob=0.5,
                                        tag_drop_prob=0.5)
-    if mask.sum() == 0:
-      dropped += 1
-      assert np.all(toks == 0)
-      continue
     present = [first[t] for t in toks[:mask.sum()].tolist() if t in first]
+    if not present:
+      # A dropped prompt is the no-tag prompt inference builds, never all padding.
+      np.testing.assert_array_equal(toks, empty[0])
+      np.testing.assert_array_equal(mask, empty[1])
+      n_empty += 1
+      continue
     kept[present] += 1
     orders.add(tuple(present))
-  assert abs(dropped / n - 0.5) < 0.04
-  np.testing.assert_allclose(kept / (n - dropped), 0.5, atol=0.05)
+  # Empty: dropped (0.5), or kept with all 3 tags dropped (0.5 * 0.5 ** 3).
+  # Binomial(4000, 0.5625) has std 0.0078; 0.04 is 5 std.
+  assert abs(n_empty / n - 0.5625) < 0.04
+  # Each tag kept with 0.5 among the kept prompts that are not empty: 0.5 / (1 - 0.125).
+  np.testing.assert_allclose(kept / (n - n_empty), 0.5 / 0.875, atol=0.05)
   assert (0, 1) in orders and (1, 0) in orders          # kept tags are shuffled
   rng = np.random.default_rng(0)
   full = pipeline.train_prompt([0, 2], a, P, rng, prompt_drop_prob=0.0, tag_drop_prob=0.0)[0]
   assert sorted(full[:6].tolist()) == sorted(pipeline.build_prompt([0, 2], a, P)[0][:6].tolist())
-  none = pipeline.train_prompt([0, 2], a, P, rng, prompt_drop_prob=1.0, tag_drop_prob=0.0)[1]
-  assert none.sum() == 0
+  none = pipeline.train_prompt([0, 2], a, P, rng, prompt_drop_prob=1.0, tag_drop_prob=0.0)
+  assert none[0].tolist() == empty[0].tolist() and none[1].tolist() == empty[1].tolist()
 
 
 def test_predict_batch(prepared, tmp_path):

@@ -289,12 +289,15 @@ def train_prompt(tag_ids, assets: Assets, max_len: int, rng: np.random.Generator
                  prompt_drop_prob: float, tag_drop_prob: float) -> tuple[np.ndarray, np.ndarray]:
   """Training prompt from ground-truth tags with DESIGN.md section 3's dropout.
 
-  With probability `prompt_drop_prob` the whole prompt is dropped (all zeros);
-  otherwise each tag is kept with probability `1 - tag_drop_prob` and the kept
-  tags are shuffled.
+  With probability `prompt_drop_prob` the whole prompt is dropped; otherwise each
+  tag is kept with probability `1 - tag_drop_prob` and the kept tags are shuffled.
+  A dropped prompt is the prompt of no tags ("|" and EOS), exactly what inference
+  builds when no predicted tag passes the threshold: an all-padding prompt never
+  occurs at inference, and a model trained on it (e.g. with `prompt_drop_prob=1`)
+  met an input at test time that it had never seen.
   """
   if rng.random() < prompt_drop_prob:
-    return np.zeros((max_len,), np.int32), np.zeros((max_len,), np.int32)
+    return build_prompt([], assets, max_len)
   ids = np.asarray(tag_ids, np.int64).reshape(-1)
   kept = ids[rng.random(len(ids)) >= tag_drop_prob]
   return build_prompt(rng.permutation(kept), assets, max_len)
