@@ -1,6 +1,6 @@
 """Beam-search speed: our jitted generate vs transformers `generate` (PyTorch, CPU).
 
-  python benchmarks/generate.py [--batch 16] [--beams 2] [--new_tokens 20] [--rounds 5]
+  python benchmarks/generate.py [--batch 16] [--beams 2] [--new_tokens 20] [--rounds 5] [--profile]
 
 Same t5-small-shaped random weights in both (d_model 512, 6+6 layers, 8 heads,
 d_ff 2048, vocab 32128; written by transformers, read by our importer), batch
@@ -8,7 +8,8 @@ d_ff 2048, vocab 32128; written by transformers, read by our importer), batch
 One warm-up call each (compilation excluded), then `--rounds` interleaved rounds
 (ours, transformers, ours, ...; benchmarks/interleave.py); checks that the token
 ids are equal and prints tokens/s of each as median (min-max), the ratio of
-medians, the load average and the thread settings of the run.
+medians, the load average and the thread settings of the run. `--profile` then
+splits each side's time into matrix products and the rest (profile_ops.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import interleave  # noqa: E402  (benchmarks/, the script's folder)
+import profile_ops  # noqa: E402
 from aligncap_jax.models import hf_import  # noqa: E402
 from aligncap_jax.models.generate import generate  # noqa: E402
 from aligncap_jax.models.t5 import T5  # noqa: E402
@@ -36,6 +38,9 @@ def main() -> None:
   parser.add_argument("--beams", type=int, default=2)
   parser.add_argument("--new_tokens", type=int, default=20)
   parser.add_argument("--input_len", type=int, default=40)
+  parser.add_argument("--profile", action="store_true",
+                      help="after the rounds, profile both and split their time into matrix "
+                           "products and the rest (benchmarks/profile_ops.py)")
   interleave.add_args(parser)
   args = parser.parse_args()
   torch.manual_seed(0)
@@ -79,6 +84,27 @@ def main() -> None:
         f"{same}")
   print(interleave.table(times, unit="tokens/s", work=args.batch * args.new_tokens))
   print(interleave.ratio_line(times, ours_name, theirs_name))
+  if args.profile:
+    flops = matmul_flops(cfg, args.batch, args.beams, args.input_len, args.new_tokens)
+    print(f"# profile: {flops / 1e9:.1f} GFLOP of matrix products per call (dense layers and "
+          "the LM head; attention scores excluded)")
+    print(profile_ops.report_jax(ours, flops=flops, title=ours_name))
+    print(profile_ops.report_torch(theirs, flops=flops, title=theirs_name))
+
+
+def matmul_flops(cfg, batch: int, beams: int, input_len: int, new_tokens: int) -> float:
+  """FLOPs of the matrix products of one call: the encoder on `batch` rows, the
+  cross-attention keys/values and `new_tokens` decoder steps on `batch * beams`
+  rows (the attention score products, under 2% here, left out)."""
+  d, ff, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+  inner = cfg.num_heads * cfg.d_kv
+  enc_layer = 4 * d * inner + 2 * d * ff
+  dec_layer = 4 * d * inner + 2 * d * inner + 2 * d * ff   # self q,k,v,o; cross q,o; mlp
+  rows = batch * beams
+  encoder = batch * input_len * cfg.num_layers * enc_layer
+  cross_kv = rows * input_len * cfg.num_decoder_layers * 2 * d * inner
+  steps = new_tokens * rows * (cfg.num_decoder_layers * dec_layer + d * v)
+  return 2.0 * (encoder + cross_kv + steps)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ both (ours through `hf_import.vision.load_clip_vision`), batch 8, float32 on
 the host CPU. One warm-up call each (compilation excluded), then `--rounds`
 interleaved rounds (ours, transformers, ours, ...; benchmarks/interleave.py);
 prints images/s as median (min-max), the ratio of medians, the largest output
-difference, the load average and the thread settings of the run.
+difference, the load average and the thread settings of the run. `--profile`
+then splits each side's time into matrix products and the rest (profile_ops.py).
 
-  python benchmarks/vit_forward.py [--batch 8] [--rounds 5] [--scan]
+  python benchmarks/vit_forward.py [--batch 8] [--rounds 5] [--scan] [--profile]
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from aligncap_jax.models.hf_import.vision import load_clip_vision
 from aligncap_jax.models.vit import VisionTransformer
 
 import interleave  # benchmarks/, the script's folder
+import profile_ops
 
 VIT_B16 = dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
                num_attention_heads=12, intermediate_size=3072)
@@ -36,6 +38,9 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   interleave.add_args(ap)
   ap.add_argument("--scan", action="store_true", help="scan over layers in ours")
+  ap.add_argument("--profile", action="store_true",
+                  help="after the rounds, profile both and split their time into matrix "
+                       "products and the rest (benchmarks/profile_ops.py)")
   args = ap.parse_args()
 
   torch.manual_seed(0)
@@ -69,6 +74,23 @@ def main():
         f"max |ours - transformers| {diff:.2e}")
   print(interleave.table(times, unit="images/s", work=args.batch))
   print(interleave.ratio_line(times, ours_name, theirs_name))
+  if args.profile:
+    flops = matmul_flops(args.batch)
+    print(f"# profile: {flops / 1e9:.1f} GFLOP of matrix products per call (patch embedding, "
+          "dense layers, attention scores and values)")
+    print(profile_ops.report_jax(run_ours, flops=flops, title=ours_name))
+    print(profile_ops.report_torch(run_torch, flops=flops, title=theirs_name))
+
+
+def matmul_flops(batch: int) -> float:
+  """FLOPs (2 per multiply-add) of ViT-B/16's matrix products at `batch` images."""
+  c = VIT_B16
+  d, mlp, p = c["hidden_size"], c["intermediate_size"], c["patch_size"]
+  n = (c["image_size"] // p) ** 2
+  t = n + 1
+  patch = n * (p * p * 3) * d
+  layer = t * (4 * d * d + 2 * d * mlp) + 2 * t * t * d
+  return 2.0 * batch * (patch + c["num_hidden_layers"] * layer)
 
 
 if __name__ == "__main__":

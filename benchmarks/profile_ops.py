@@ -1,0 +1,89 @@
+"""Where a side-by-side benchmark's time goes: per-op profiles of ours and theirs.
+
+The benchmarks' `--profile` flag uses this after the timed rounds: it profiles a
+few more calls of each implementation, adds up the time of every kernel, and
+splits it into matrix products (XLA's dot / convolution / XNNPACK fusions on the
+CPU; aten mm / addmm / bmm / convolution in PyTorch) and everything else, with
+the largest other ops named. With the matrix products' FLOPs it prints the rate
+they ran at, the figure that says whether a speed-up target is bounded by the
+matrix products themselves (evidence for issue 20's "what bounds them").
+
+  import profile_ops
+  print(profile_ops.report_jax(fn, calls=3, flops=F))      # fn blocks until ready
+  print(profile_ops.report_torch(fn, calls=3, flops=F))
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+from typing import Callable
+
+# Kernel names (digits stripped) that are matrix products.
+_JAX_MATMUL = re.compile(r"^(dot|convolution|ynn_fusion|.*_dot_fusion|.*convolution_fusion|"
+                         r"onednn.*|__onednn\$matmul)")
+# Trace events that are not kernels: containers, waits and the Python stack.
+_JAX_SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "while", "cond", "call", "TfrtCpu",
+             "PjRt", "Execute", "XLA", "jit_")
+_TORCH_MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution",
+                 "aten::_convolution", "aten::mkldnn_convolution", "aten::_mkldnn_linear",
+                 "aten::mkldnn_linear")
+
+
+def _kind(name: str) -> str:
+  return name.rstrip("0123456789.").rstrip("_")
+
+
+def _format(title: str, per_call: dict[str, float], matmul: set[str], calls: int,
+            flops: float | None, top: int) -> str:
+  total = sum(per_call.values())
+  mm = sum(v for k, v in per_call.items() if k in matmul)
+  lines = [f"{title}: {total * 1e3:.1f} ms of kernels per call; matrix products "
+           f"{mm * 1e3:.1f} ms ({100 * mm / max(total, 1e-12):.0f}%), the rest "
+           f"{(total - mm) * 1e3:.1f} ms"]
+  if flops:
+    lines.append(f"  matrix products: {flops / 1e9:.2f} GFLOP per call at "
+                 f"{flops / max(mm, 1e-12) / 1e9:.1f} GFLOP/s")
+  others = sorted(((v, k) for k, v in per_call.items() if k not in matmul), reverse=True)
+  for v, k in others[:top]:
+    lines.append(f"  {v * 1e3:8.2f} ms {100 * v / max(total, 1e-12):5.1f}%  {k}")
+  lines.append(f"  ({calls} profiled calls)")
+  return "\n".join(lines)
+
+
+def report_jax(fn: Callable[[], object], *, calls: int = 3, flops: float | None = None,
+               top: int = 6, title: str = "ours") -> str:
+  """Profiles `calls` calls of a jitted `fn` on the CPU with `jax.profiler`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory(prefix="profile_ops_") as d:
+    with jax.profiler.trace(d):
+      for _ in range(calls):
+        fn()
+    files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+      return f"{title}: no trace written (jax.profiler)"
+    with gzip.open(files[0]) as f:
+      events = json.load(f)["traceEvents"]
+  per_kind: dict[str, float] = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or e["name"].startswith(_JAX_SKIP):
+      continue
+    per_kind[_kind(e["name"])] += e["dur"] * 1e-6 / calls
+  matmul = {k for k in per_kind if _JAX_MATMUL.match(k)}
+  return _format(title, per_kind, matmul, calls, flops, top)
+
+
+def report_torch(fn: Callable[[], object], *, calls: int = 3, flops: float | None = None,
+                 top: int = 6, title: str = "theirs") -> str:
+  """Profiles `calls` calls of `fn` with `torch.profiler` (self CPU time per op)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    for _ in range(calls):
+      fn()
+  per_op = {e.key: e.self_cpu_time_total * 1e-6 / calls for e in prof.key_averages()}
+  matmul = {k for k in per_op if k in _TORCH_MATMUL}
+  return _format(title, per_op, matmul, calls, flops, top)
