@@ -28,6 +28,7 @@ _JAX_MATMUL = re.compile(r"^(dot|convolution|ynn_fusion|.*_dot_fusion|.*convolut
                          r"onednn.*|__onednn\$matmul)")
 # Trace events that are not kernels: containers, waits and the Python stack.
 _JAX_SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "while", "cond", "call", "TfrtCpu",
+             "PjitFunction", "CommonPjRt", "Latent",
              "PjRt", "Execute", "XLA", "jit_")
 _TORCH_MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution",
                  "aten::_convolution", "aten::mkldnn_convolution", "aten::_mkldnn_linear",
