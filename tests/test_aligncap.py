@@ -67,10 +67,21 @@ def base():
   return c, batch, model, params, te
 
 
-def test_losses_finite_and_every_trainable_block_gets_gradient(base):
+def value_and_grad_fn(model, te):
+  """Jitted ((loss, metrics), gradients): one compile gives both."""
+  return jax.jit(jax.value_and_grad(loss_fn(model, te), has_aux=True))
+
+
+@pytest.fixture(scope="module")
+def base_value_and_grad(base):
+  """((loss, metrics), gradients) of `base` (the dense form), shared by the tests."""
   c, batch, model, params, te = base
-  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn(model, te), has_aux=True))(
-      params, batch)
+  return value_and_grad_fn(model, te)(params, batch)
+
+
+def test_losses_finite_and_every_trainable_block_gets_gradient(base, base_value_and_grad):
+  c = base[0]
+  (loss, metrics), grads = base_value_and_grad
   assert set(metrics) == {"loss", "loss_cap", "loss_tag", "loss_cond", "loss_multi"}
   for k, v in metrics.items():
     assert np.isfinite(v), k
@@ -121,21 +132,20 @@ def test_padding_regions_take_no_part_in_the_pairwise_losses(base):
     assert abs(m_all[k] - m_sub[k]) > 2e-3 * abs(m_sub[k]), k
 
 
-def test_chunked_and_ring_forms_equal_dense_with_the_papers_scorer():
-  """Values and gradients of the whole model; the dot form is covered in test_pairwise_sigmoid."""
-  similarity = "cross_attention"
-  c = tiny_config(similarity=similarity, pairwise_form="dense")
-  batch = make_batch(c, b=8)
-  model, params, te = init(c, batch)
-  dense_loss, dense_m = jax.jit(loss_fn(model, te))(params, batch)
-  g_dense = jax.jit(jax.grad(lambda p: loss_fn(model, te)(p, batch)[0]))(params)
+def test_chunked_and_ring_forms_equal_dense_with_the_papers_scorer(base, base_value_and_grad):
+  """Values and gradients of the whole model; the dot form is covered in test_pairwise_sigmoid.
+
+  `base` is the dense form with the paper's scorer (similarity="cross_attention").
+  """
+  c, batch, _, params, te = base
+  assert c.model.similarity == "cross_attention" and c.model.pairwise_form == "dense"
+  (_, dense_m), g_dense = base_value_and_grad
   for form in ("chunked", "ring"):
-    c2 = tiny_config(similarity=similarity, pairwise_form=form, pairwise_block_size=3)
+    c2 = tiny_config(similarity=c.model.similarity, pairwise_form=form, pairwise_block_size=3)
     model2 = aligncap.build_model(c2, V)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):
-      _, m = jax.jit(loss_fn(model2, te))(params, batch)
-      g = jax.jit(jax.grad(lambda p: loss_fn(model2, te)(p, batch)[0]))(params)
+      (_, m), g = value_and_grad_fn(model2, te)(params, batch)
     for k in ("loss_cond", "loss_multi"):
       np.testing.assert_allclose(m[k], dense_m[k], rtol=1e-5, err_msg=f"{form} {k}")
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_dense)):
