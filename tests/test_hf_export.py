@@ -127,35 +127,10 @@ def test_push_without_huggingface_hub_says_how_to_install(tmp_path, monkeypatch)
     hf_export.push(str(tmp_path), "user/aligncap")
 
 
-def _decode(config, params, assets, split="test"):
-  """Captions of the whole split with `params` (eval batches, beam search)."""
-  from aligncap_jax.data import pipeline
-  from aligncap_jax.models import aligncap
-  model = aligncap.build_model(config, len(assets.tag_vocab))
-  tag_emb = model.apply({"params": params}, assets.tag_clip_tokens, assets.tag_clip_mask,
-                        method=aligncap.AlignCap.encode_tags)
-  table = {"tokens": assets.tag_token_table, "lens": assets.tag_token_lens,
-           "comma_id": np.int32(assets.comma_id), "bar_id": np.int32(assets.bar_id),
-           "eos_id": np.int32(assets.eos_id)}
-  d = config.decode
-  gen = jax.jit(lambda p, b: model.apply(
-      {"params": p}, b, tag_emb, table, method=aligncap.AlignCap.generate,
-      num_beams=d.num_beams, max_new_tokens=d.max_new_tokens, min_length=d.min_length,
-      length_penalty=d.length_penalty, repetition_penalty=d.repetition_penalty))
-  captions = []
-  for batch in pipeline.make_eval_iterator(config, assets, split,
-                                           batch_size=config.train.eval_batch_size,
-                                           max_examples=config.train.eval_max_examples):
-    out = jax.device_get(gen(params, batch))
-    for tokens, ok in zip(out["tokens"], batch["valid"]):
-      if ok:
-        captions.append(assets.llm_tokenizer.decode([int(t) for t in tokens if t > 1]))
-  return captions
-
-
 @pytest.mark.slow
 def test_export_then_load_gives_identical_captions(tmp_path):
   from aligncap_jax import checkpoint
+  from aligncap_jax import evaluate
   from aligncap_jax import sharding
   from aligncap_jax import train
   from aligncap_jax import train_state
@@ -168,6 +143,8 @@ def test_export_then_load_gives_identical_captions(tmp_path):
   config_lib.validate(config)
   pipeline.prepare(config)
   workdir = str(tmp_path / "run")
+  # Ends with an eval of the final state (the last checkpoint) on the test split,
+  # which writes its captions to eval/predictions.json.
   train.train_and_evaluate(config, workdir)
 
   out = hf_export.export(config, workdir)
@@ -189,9 +166,21 @@ def test_export_then_load_gives_identical_captions(tmp_path):
   state = ckpt.restore(checkpoint.latest_step_or_fail(workdir, "test"), factory.abstract_state)
   ckpt.close()
 
-  config2, params2, assets2 = hf_export.load(out)
+  # Loaded onto the training state's shardings, so the decode below is the eval's
+  # own program (one compile, shared with the trainer's eval through the cache).
+  config2, params2, assets2 = hf_export.load(out, factory.state_shardings.params)
   assert assets2.tag_vocab == assets.tag_vocab
   _assert_same_tree(jax.device_get(params2), jax.device_get(state.params))
-  want = _decode(config, state.params, assets)
-  got = _decode(config2, params2, assets2)
+
+  # The captions of the test split: the trainer's eval of the checkpointed state,
+  # and the same beam search run from the export folder alone (its config, model,
+  # tokenizers and tag tables).
+  with open(os.path.join(workdir, "eval", "predictions.json")) as f:
+    want = [p["caption"] for p in json.load(f)]
+  model2 = aligncap.build_model(config2, len(assets2.tag_vocab))
+  mesh2 = sharding.make_mesh(config2)
+  tag_emb2 = evaluate.make_encode_tags(config2, model2, aligncap, mesh2)(
+      params2, assets2.tag_clip_tokens, assets2.tag_clip_mask)
+  got = [d["caption"] for d in
+         evaluate.Evaluator(config2, model2, assets2, mesh2).decode(params2, tag_emb2)]
   assert len(want) == 4 and got == want
