@@ -15,6 +15,7 @@ import json
 import os
 import re
 import string
+import threading
 from typing import Any, Sequence
 
 from absl import logging
@@ -67,6 +68,33 @@ def _tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
     return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}
 
 
+# One METEOR scorer per process: its JVM takes about 7 s to load the paraphrase
+# tables, which every evaluation would pay again with a new scorer.
+_METEOR: Any = None
+_METEOR_LOCK = threading.Lock()
+
+
+def _meteor_score(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+  """pycocoevalcap's METEOR of tokenised captions, through the process's scorer.
+
+  The scorer is started on first use and again if its JVM has exited; one that
+  failed mid-call is closed and dropped, so the next call starts afresh.
+  """
+  global _METEOR
+  from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=g-import-not-at-top
+  with _METEOR_LOCK:
+    if _METEOR is None or _METEOR.meteor_p.poll() is not None:
+      _METEOR = Meteor()
+    try:
+      return _METEOR.compute_score(gts, res)[0]
+    except Exception:
+      broken, _METEOR = _METEOR, None
+      if broken.lock.locked():   # compute_score does not release it on errors
+        broken.lock.release()
+      broken.meteor_p.kill()
+      raise
+
+
 def caption_metrics(references: Sequence[Sequence[str]],
                     predictions: Sequence[str]) -> dict[str, float]:
   """BLEU-4, METEOR, ROUGE-L, CIDEr (x100) of `predictions` against `references`.
@@ -80,7 +108,6 @@ def caption_metrics(references: Sequence[Sequence[str]],
   """
   from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=g-import-not-at-top
   from pycocoevalcap.cider.cider import Cider  # pylint: disable=g-import-not-at-top
-  from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=g-import-not-at-top
   from pycocoevalcap.rouge.rouge import Rouge  # pylint: disable=g-import-not-at-top
   if len(references) != len(predictions):
     raise ValueError(f"{len(predictions)} predictions for {len(references)} targets")
@@ -90,7 +117,7 @@ def caption_metrics(references: Sequence[Sequence[str]],
   res = _tokenize({i: [p] for i, p in enumerate(predictions)})
   out = {"Bleu_4": Bleu(4).compute_score(gts, res, verbose=0)[0][3]}
   try:
-    out["METEOR"] = Meteor().compute_score(gts, res)[0]
+    out["METEOR"] = _meteor_score(gts, res)
   except Exception as e:  # METEOR needs Java.
     print(f"METEOR failed ({type(e).__name__}: {e}); reported as NaN")
     out["METEOR"] = float("nan")
