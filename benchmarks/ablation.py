@@ -348,15 +348,29 @@ def write_report(results: str, records: list[dict], row_order: list[Row], header
 
 # ------------------------------------------------------------------ main
 
-# --quick: 2 rows, 1 seed, a few steps on a small synthetic set of its own.
+# --quick: 2 rows, 1 seed, a few steps on a small synthetic set of its own, with
+# every tower one layer deep and a few units wide (about configs/tiny.py's sizes)
+# and the pairwise losses in their direct (dense) form, the cheapest to compile:
+# compiling and starting processes dominate such a run.
 QUICK_OVERRIDES = (
     "data.synthetic.num_train_images=24", "data.synthetic.num_validation_images=4",
-    "data.synthetic.num_test_images=4", "train.per_device_batch_size=8",
-    "train.eval_batch_size=8", "train.eval_max_examples=8", "train.log_every_steps=2",
-    "train.checkpoint_every_steps=2", "decode.max_new_tokens=8",
-    # one layer per tower: compiling dominates a few-step run
-    "model.vision.num_layers=1", "model.qformer.num_layers=1", "model.llm.num_layers=1",
-    "model.llm.num_decoder_layers=1", "model.tagging.num_layers=1",
+    "data.synthetic.num_test_images=4", "data.synthetic.image_size=64", "data.view_size=32",
+    "data.clip_max_tokens=16",
+    "train.per_device_batch_size=8", "train.eval_batch_size=8", "train.eval_max_examples=8",
+    "train.log_every_steps=2", "train.checkpoint_every_steps=2", "decode.max_new_tokens=8",
+    "model.vision.image_size=32", "model.vision.hidden_size=32", "model.vision.num_heads=2",
+    "model.vision.mlp_dim=64", "model.vision.num_layers=1",
+    "model.qformer.num_query_tokens=4", "model.qformer.hidden_size=32",
+    "model.qformer.num_heads=2", "model.qformer.intermediate_size=64",
+    "model.qformer.encoder_hidden_size=32", "model.qformer.num_layers=1",
+    "model.llm.d_model=32", "model.llm.d_kv=8", "model.llm.d_ff=64", "model.llm.num_layers=1",
+    "model.llm.num_decoder_layers=1",
+    "model.clip_text.hidden_size=32", "model.clip_text.num_heads=2",
+    "model.clip_text.intermediate_size=64", "model.clip_text.projection_dim=32",
+    "model.roi_output_size=4", "model.cross_view.num_heads=2", "model.pairwise_form=dense",
+    "model.tagging.dim=16", "model.tagging.num_heads=2", "model.tagging.mlp_dim=32",
+    "model.tagging.num_layers=1",
+    "model.scorer.dim=16", "model.scorer.num_heads=2", "model.scorer.mlp_dim=32",
     "model.scorer.num_layers=1",
 )
 
@@ -390,8 +404,9 @@ def parse_args(argv=None):
                  help="JAX persistent compilation cache for the runs (default WORKDIR/jax_cache; "
                       "'' for none)")
   p.add_argument("--quick", action="store_true",
-                 help="full and no_god, seed 0, 4 steps of one-layer towers on a small "
-                      "dataset of its own: checks the machinery, not the numbers")
+                 help="full and no_god, seed 0, 4 steps of a tiny model (one-layer towers, "
+                      "dense pairwise losses) on a small dataset of its own: checks the "
+                      "machinery, not the numbers")
   args = p.parse_args(argv)
   if args.quick:
     args.rows = args.rows or "full,no_god"
