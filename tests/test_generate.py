@@ -1,6 +1,8 @@
 """Decoding: greedy vs a plain uncached loop, beam scores vs teacher-forced rescoring."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,8 +38,13 @@ def _dlm():
   return model, params, embeds, mask
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _full_logits(model, params, embeds, mask, generated):
-  """Last-position logits float[B, V] of an uncached forward over everything so far."""
+  """Last-position logits float[B, V] of an uncached forward over everything so far.
+
+  Jitted (one compile per model and input shape; op-by-op it dispatched and
+  compiled every primitive at every new length).
+  """
   if isinstance(model, T5):
     dec = jnp.concatenate([jnp.zeros((embeds.shape[0], 1), jnp.int32), generated], 1)
     return model.apply({"params": params}, embeds, mask, dec)[:, -1]
