@@ -9,8 +9,8 @@ they ran at, the figure that says whether a speed-up target is bounded by the
 matrix products themselves (evidence for issue 20's "what bounds them").
 
   import profile_ops
-  print(profile_ops.report_jax(fn, calls=3, flops=F))      # fn blocks until ready
-  print(profile_ops.report_torch(fn, calls=3, flops=F))
+  print(profile_ops.report_jax(fn, calls=3, flops=F, wall=median_s))  # fn blocks
+  print(profile_ops.report_torch(fn, calls=3, flops=F, wall=median_s))
 """
 from __future__ import annotations
 
@@ -40,15 +40,22 @@ def _kind(name: str) -> str:
 
 
 def _format(title: str, per_call: dict[str, float], matmul: set[str], calls: int,
-            flops: float | None, top: int) -> str:
+            flops: float | None, top: int, wall: float | None) -> str:
   total = sum(per_call.values())
   mm = sum(v for k, v in per_call.items() if k in matmul)
+  share = mm / max(total, 1e-12)
   lines = [f"{title}: {total * 1e3:.1f} ms of kernels per call; matrix products "
-           f"{mm * 1e3:.1f} ms ({100 * mm / max(total, 1e-12):.0f}%), the rest "
-           f"{(total - mm) * 1e3:.1f} ms"]
+           f"{mm * 1e3:.1f} ms ({100 * share:.0f}%), the rest {(total - mm) * 1e3:.1f} ms"]
+  if wall:
+    # Kernel time is summed over threads on one side and measured per op on the
+    # other; the share of it, times the call's median wall time, compares alike.
+    lines.append(f"  of the {wall * 1e3:.0f} ms call (median of the rounds): matrix products "
+                 f"~{share * wall * 1e3:.0f} ms, the rest ~{(1 - share) * wall * 1e3:.0f} ms")
   if flops:
+    basis = share * wall if wall else mm
     lines.append(f"  matrix products: {flops / 1e9:.2f} GFLOP per call at "
-                 f"{flops / max(mm, 1e-12) / 1e9:.1f} GFLOP/s")
+                 f"{flops / max(basis, 1e-12) / 1e9:.1f} GFLOP/s"
+                 f"{' (wall)' if wall else ''}")
   others = sorted(((v, k) for k, v in per_call.items() if k not in matmul), reverse=True)
   for v, k in others[:top]:
     lines.append(f"  {v * 1e3:8.2f} ms {100 * v / max(total, 1e-12):5.1f}%  {k}")
@@ -57,8 +64,12 @@ def _format(title: str, per_call: dict[str, float], matmul: set[str], calls: int
 
 
 def report_jax(fn: Callable[[], object], *, calls: int = 3, flops: float | None = None,
-               top: int = 6, title: str = "ours") -> str:
-  """Profiles `calls` calls of a jitted `fn` on the CPU with `jax.profiler`."""
+               top: int = 6, title: str = "ours", wall: float | None = None) -> str:
+  """Profiles `calls` calls of a jitted `fn` on the CPU with `jax.profiler`.
+
+  Kernel times are summed over XLA's threads (they can exceed the wall time);
+  `wall` (seconds per call, e.g. the rounds' median) turns shares into wall time.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory(prefix="profile_ops_") as d:
     with jax.profiler.trace(d):
@@ -75,16 +86,17 @@ def report_jax(fn: Callable[[], object], *, calls: int = 3, flops: float | None 
       continue
     per_kind[_kind(e["name"])] += e["dur"] * 1e-6 / calls
   matmul = {k for k in per_kind if _JAX_MATMUL.match(k)}
-  return _format(title, per_kind, matmul, calls, flops, top)
+  return _format(title, per_kind, matmul, calls, flops, top, wall)
 
 
 def report_torch(fn: Callable[[], object], *, calls: int = 3, flops: float | None = None,
-                 top: int = 6, title: str = "theirs") -> str:
-  """Profiles `calls` calls of `fn` with `torch.profiler` (self CPU time per op)."""
+                 top: int = 6, title: str = "theirs", wall: float | None = None) -> str:
+  """Profiles `calls` calls of `fn` with `torch.profiler` (self CPU time per op;
+  `wall` as in `report_jax`)."""
   import torch  # pylint: disable=g-import-not-at-top
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
     for _ in range(calls):
       fn()
   per_op = {e.key: e.self_cpu_time_total * 1e-6 / calls for e in prof.key_averages()}
   matmul = {k for k in per_op if k in _TORCH_MATMUL}
-  return _format(title, per_op, matmul, calls, flops, top)
+  return _format(title, per_op, matmul, calls, flops, top, wall)

@@ -78,8 +78,10 @@ def main():
     flops = matmul_flops(args.batch)
     print(f"# profile: {flops / 1e9:.1f} GFLOP of matrix products per call (patch embedding, "
           "dense layers, attention scores and values)")
-    print(profile_ops.report_jax(run_ours, flops=flops, title=ours_name))
-    print(profile_ops.report_torch(run_torch, flops=flops, title=theirs_name))
+    print(profile_ops.report_jax(run_ours, flops=flops, title=ours_name,
+                                 wall=interleave.stats(times[ours_name]).median))
+    print(profile_ops.report_torch(run_torch, flops=flops, title=theirs_name,
+                                   wall=interleave.stats(times[theirs_name]).median))
 
 
 def matmul_flops(batch: int) -> float:
