@@ -86,12 +86,9 @@ def main() -> None:
   print(interleave.ratio_line(times, ours_name, theirs_name))
   if args.profile:
     flops = matmul_flops(cfg, args.batch, args.beams, args.input_len, args.new_tokens)
-    print(f"# profile: {flops / 1e9:.1f} GFLOP of matrix products per call (dense layers and "
-          "the LM head; attention scores excluded)")
-    print(profile_ops.report_jax(ours, flops=flops, title=ours_name,
-                                 wall=interleave.stats(times[ours_name]).median))
-    print(profile_ops.report_torch(theirs, flops=flops, title=theirs_name,
-                                   wall=interleave.stats(times[theirs_name]).median))
+    medians = {name: interleave.stats(ts).median for name, ts in times.items()}
+    print(profile_ops.report_pair((ours_name, ours), (theirs_name, theirs), medians, flops=flops,
+                                  what="dense layers and the LM head; attention scores excluded"))
 
 
 def matmul_flops(cfg, batch: int, beams: int, input_len: int, new_tokens: int) -> float:

@@ -11,6 +11,7 @@ matrix products themselves (evidence for issue 20's "what bounds them").
   import profile_ops
   print(profile_ops.report_jax(fn, calls=3, flops=F, wall=median_s))  # fn blocks
   print(profile_ops.report_torch(fn, calls=3, flops=F, wall=median_s))
+  print(profile_ops.report_pair(("ours", f), ("theirs", g), medians, flops=F, what="..."))
 """
 from __future__ import annotations
 
@@ -100,3 +101,14 @@ def report_torch(fn: Callable[[], object], *, calls: int = 3, flops: float | Non
   per_op = {e.key: e.self_cpu_time_total * 1e-6 / calls for e in prof.key_averages()}
   matmul = {k for k in per_op if k in _TORCH_MATMUL}
   return _format(title, per_op, matmul, calls, flops, top, wall)
+
+
+def report_pair(ours: tuple[str, Callable[[], object]], theirs: tuple[str, Callable[[], object]],
+                medians: dict[str, float], *, flops: float, what: str, calls: int = 3) -> str:
+  """Both sides' reports, ours (jax) then theirs (torch), each scaled to its median
+  wall time in `medians` (name -> seconds per call); `what` says what `flops` counts."""
+  return "\n".join([
+      f"# profile: {flops / 1e9:.1f} GFLOP of matrix products per call ({what})",
+      report_jax(ours[1], calls=calls, flops=flops, title=ours[0], wall=medians[ours[0]]),
+      report_torch(theirs[1], calls=calls, flops=flops, title=theirs[0],
+                   wall=medians[theirs[0]])])

@@ -76,12 +76,9 @@ def main():
   print(interleave.ratio_line(times, ours_name, theirs_name))
   if args.profile:
     flops = matmul_flops(args.batch)
-    print(f"# profile: {flops / 1e9:.1f} GFLOP of matrix products per call (patch embedding, "
-          "dense layers, attention scores and values)")
-    print(profile_ops.report_jax(run_ours, flops=flops, title=ours_name,
-                                 wall=interleave.stats(times[ours_name]).median))
-    print(profile_ops.report_torch(run_torch, flops=flops, title=theirs_name,
-                                   wall=interleave.stats(times[theirs_name]).median))
+    medians = {name: interleave.stats(ts).median for name, ts in times.items()}
+    print(profile_ops.report_pair((ours_name, run_ours), (theirs_name, run_torch), medians, flops=flops,
+                                  what="patch embedding, dense layers, attention scores and values"))
 
 
 def matmul_flops(batch: int) -> float:

@@ -43,3 +43,20 @@ def test_report_jax_reads_a_real_trace_and_finds_the_matrix_product():
   # Two 256^3 products dominate a tanh of 256^2 elements.
   assert 0 < matmul <= total and matmul >= 0.5 * total, text
   assert "GFLOP/s" in text
+
+
+def test_report_pair_profiles_both_sides_at_their_median():
+  torch = __import__("pytest").importorskip("torch")
+  a = jnp.ones((128, 128), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t = torch.ones((128, 128))
+  text = profile_ops.report_pair(("ours", lambda: f(a).block_until_ready()),
+                                 ("theirs", lambda: t @ t), {"ours": 0.01, "theirs": 0.02},
+                                 flops=2 * 128 ** 3, what="one product", calls=2)
+  lines = text.splitlines()
+  assert lines[0] == "# profile: 0.0 GFLOP of matrix products per call (one product)"
+  ours = [l for l in lines if l.startswith("ours:")]
+  theirs = [l for l in lines if l.startswith("theirs:")]
+  assert len(ours) == 1 and len(theirs) == 1, text
+  assert "of the 10 ms call" in text and "of the 20 ms call" in text
