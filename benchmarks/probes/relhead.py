@@ -16,6 +16,8 @@ p = argparse.ArgumentParser()
 p.add_argument("--positions", default="4"); p.add_argument("--steps", type=int, default=600)
 p.add_argument("--set", action="append", default=[]); p.add_argument("--bs", type=int, default=64)
 p.add_argument("--head", type=int, default=1); p.add_argument("--total", type=int, default=0)
+p.add_argument("--head_positions", default="4", help="4: the head predicts the relation token; "
+               "all: one linear map per caption position, every token (summed)")
 a = p.parse_args()
 c = cfgmod.get_config()
 if not a.total: c.loss.gamma = 0.0; c.loss.lambda_ = 0.0; c.loss.alpha = 0.0
@@ -29,7 +31,12 @@ import flax
 params = flax.core.meta.unbox(params)
 tagemb = jnp.zeros((V, 64))
 import flax.linen as nn
-head = nn.Dense(128); hparams = head.init(jax.random.PRNGKey(2), jnp.zeros((1, 64)))
+T = c.data.max_caption_tokens
+head = nn.Dense(128 if a.head_positions == "4" else 128 * T)
+hparams = head.init(jax.random.PRNGKey(2), jnp.zeros((1, 64)))
+def head_logits(hp, z):
+  out = head.apply(hp, z)
+  return out if a.head_positions == "4" else out.reshape(z.shape[0], T, 128)
 params = {"m": params, "h": hparams}
 pos = [int(x) for x in a.positions.split(",")] if a.positions != "all" else None
 def restrict(b):
@@ -46,12 +53,17 @@ def step(pr, o, b, rng):
     tot, met = model.apply({"params": pp["m"]}, b, tagemb, train=True, rngs={"dropout": rng})
     lc = tot if a.total else met["loss_cap"]
     lat = model.apply({"params": pp["m"]}, b, True, method=lambda m, bb, d: m._region_latents(bb, d))
-    hl = optax.softmax_cross_entropy_with_integer_labels(head.apply(pp["h"], lat.mean(1)), b["caption_tokens"][:, 4]).mean()
+    lg = head_logits(pp["h"], lat.mean(1))
+    if a.head_positions == "4":
+      hl = optax.softmax_cross_entropy_with_integer_labels(lg, b["caption_tokens"][:, 4]).mean()
+    else:
+      ce = optax.softmax_cross_entropy_with_integer_labels(lg, b["caption_tokens"])
+      hl = (ce * b["caption_mask"]).sum(1).mean()
     return lc + a.head * hl, (lc, hl)
   (l, aux), g = jax.value_and_grad(lf, has_aux=True)(pr)
   u, o = tx.update(g, o, pr); return optax.apply_updates(pr, u), o, aux
 f = jax.jit(lambda pr, b: model.apply({"params": pr["m"]}, b, method=aligncap.AlignCap.caption_logits))
-fh = jax.jit(lambda pr, b: head.apply(pr["h"], model.apply({"params": pr["m"]}, b, True, method=lambda m, bb, d: m._region_latents(bb, d)).mean(1)))
+fh = jax.jit(lambda pr, b: head_logits(pr["h"], model.apply({"params": pr["m"]}, b, True, method=lambda m, bb, d: m._region_latents(bb, d)).mean(1)))
 it = pipeline.make_train_iterator(c, assets, global_batch_size=a.bs)
 def evaluate():
   hits = np.zeros(16); tot = np.zeros(16)
@@ -61,6 +73,7 @@ def evaluate():
     pred = lg.argmax(-1); m = b["caption_mask"].astype(bool) & ok[:, None]
     hits += ((pred == b["caption_tokens"]) & m).sum(0); tot += m.sum(0)
     hp = np.asarray(fh(params, {k: jnp.asarray(b[k]) for k in KEYS})).argmax(-1)
+    if hp.ndim == 2: hp = hp[:, 4]
     hits[15] += ((hp == b["caption_tokens"][:, 4]) & ok).sum(); tot[15] += ok.sum()
   print("head acc", hits[15] / tot[15])
   return np.round(hits / np.maximum(tot, 1), 3)[:9]
