@@ -70,29 +70,20 @@ def _tokenize(captions: dict[int, list[str]]) -> dict[int, list[str]]:
 
 # One METEOR scorer per process: its JVM takes about 7 s to load the paraphrase
 # tables, which every evaluation would pay again with a new scorer.
-_METEOR: Any = None
 _METEOR_LOCK = threading.Lock()
 
 
-def _meteor_score(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
-  """pycocoevalcap's METEOR of tokenised captions, through the process's scorer.
+@functools.lru_cache(maxsize=None)
+def _meteor_scorer():
+  from aligncap_jax.metrics import densecap  # pylint: disable=g-import-not-at-top
+  return densecap.MeteorScorer()
 
-  The scorer is started on first use and again if its JVM has exited; one that
-  failed mid-call is closed and dropped, so the next call starts afresh.
-  """
-  global _METEOR
-  from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=g-import-not-at-top
+
+def _meteor_score(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+  """pycocoevalcap's METEOR of tokenised captions, through the process's scorer
+  (`metrics.densecap.MeteorScorer`: restarted after a failure or an exited JVM)."""
   with _METEOR_LOCK:
-    if _METEOR is None or _METEOR.meteor_p.poll() is not None:
-      _METEOR = Meteor()
-    try:
-      return _METEOR.compute_score(gts, res)[0]
-    except Exception:
-      broken, _METEOR = _METEOR, None
-      if broken.lock.locked():   # compute_score does not release it on errors
-        broken.lock.release()
-      broken.meteor_p.kill()
-      raise
+    return _meteor_scorer().corpus_score(gts, res)
 
 
 def caption_metrics(references: Sequence[Sequence[str]],

@@ -188,13 +188,35 @@ class MeteorScorer:
   """METEOR 1.5 through pycocoevalcap's jar: one JVM, reused for every call.
 
   `scorer(candidates, references) -> float64[N]`, one score per candidate
-  against its list of references, sent to the JVM `batch_size` at a time. Use
-  as a context manager or call `close()`; the JVM is started on the first call.
+  against its list of references, sent to the JVM `batch_size` at a time;
+  `scorer.corpus_score(gts, res)` is pycocoevalcap's corpus-level score of
+  tokenised captions. Use as a context manager or call `close()`; the JVM is
+  started on the first call, and again if it has exited. A call that fails
+  closes the JVM (the next call starts a fresh one) and raises.
   """
 
   def __init__(self, batch_size: int = 20000):
     self.batch_size = batch_size
     self._meteor = None
+
+  def _compute(self, gts: dict, res: dict):
+    """pycocoevalcap's `compute_score(gts, res)` on this scorer's JVM."""
+    if self._meteor is not None and self._meteor.meteor_p.poll() is not None:
+      self.close()
+    if self._meteor is None:
+      from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=g-import-not-at-top
+      self._meteor = Meteor()
+    try:
+      return self._meteor.compute_score(gts, res)
+    except Exception:
+      if self._meteor.lock.locked():   # compute_score does not release it on errors
+        self._meteor.lock.release()
+      self.close()
+      raise
+
+  def corpus_score(self, gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+    """Corpus METEOR of tokenised captions ({id: [caption]} each), as pycocoevalcap."""
+    return self._compute(gts, res)[0]
 
   def __call__(self, candidates: Sequence[str],
                references: Sequence[Sequence[str]]) -> np.ndarray:
@@ -203,14 +225,11 @@ class MeteorScorer:
     out = np.zeros((len(candidates),), np.float64)
     if not candidates:
       return out
-    if self._meteor is None:
-      from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=g-import-not-at-top
-      self._meteor = Meteor()
     for lo in range(0, len(candidates), self.batch_size):
       hi = min(lo + self.batch_size, len(candidates))
       res = {i: [_clean(candidates[i])] for i in range(lo, hi)}
       gts = {i: [_clean(r) for r in references[i]] for i in range(lo, hi)}
-      _, scores = self._meteor.compute_score(gts, res)
+      _, scores = self._compute(gts, res)
       out[lo:hi] = scores
     return out
 
