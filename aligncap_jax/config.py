@@ -135,13 +135,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.trainable = [
       r"^cross_view/", r"^view_fusion/", r"^qformer/",
       r"^language_projection/", r"^tagging/", r"^cond_", r"^multi_",
-      r"^prompt_vector$", r"^target_embedding$", r"^view_box_proj/",
+      r"^prompt_vector$", r"^target_embedding$", r"^view_box_proj/", r"^context_head/",
   ]
 
   # ---------------------------------------------------------------- loss
   c.loss = _cd(alpha=0.01, beta=1.0, gamma=0.5, lambda_=0.5,
                asl_gamma_neg=7.0, asl_gamma_pos=0.0, asl_clip=0.05,
-               init_log_t=math.log(10.0), init_b=-10.0)
+               init_log_t=math.log(10.0), init_b=-10.0,
+               # Departure (DESIGN.md section 10, issue 16), 0 = off (the paper): weight
+               # of a direct caption head, a linear map from the mean latent to every
+               # caption position's token, each token's cross-entropy weighted by
+               # (1 - p)^context_head_focus, p the captioner's own stop-gradient
+               # probability of that token: words the captioner already gets (the
+               # target's) fade out, the ones it misses (context) keep their voice.
+               # "weighted" (every token, as above) | "hardest" (per region, only the
+               # token with the largest weight) | "4" or "4,6" (only those caption
+               # positions: a diagnostic that knows the caption grammar).
+               context_head=0.0, context_head_focus=1.0, context_head_select="weighted")
 
   # ---------------------------------------------------------------- optim
   c.optim = _cd(learning_rate=1e-4, weight_decay=0.05, b1=0.9, b2=0.999,
@@ -263,6 +273,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"{d.view_size} is not a multiple of model.vision.patch_size={m.vision.patch_size}")
   need(0 <= d.prompt_drop_prob <= 1, "data.prompt_drop_prob", "must be in [0, 1]")
   need(0 <= d.tag_drop_prob <= 1, "data.tag_drop_prob", "must be in [0, 1]")
+  need(config.loss.context_head >= 0, "loss.context_head",
+       f"must be >= 0 (0: off), got {config.loss.context_head}")
+  sel = config.loss.context_head_select
+  need(sel in ("weighted", "hardest") or all(x.strip().isdigit() and
+                                            int(x) < d.max_caption_tokens for x in sel.split(",")),
+       "loss.context_head_select", "must be 'weighted', 'hardest' or comma-separated caption "
+       f"positions below data.max_caption_tokens={d.max_caption_tokens}, got {sel!r}")
+  need(config.loss.context_head_focus >= 0, "loss.context_head_focus",
+       f"must be >= 0, got {config.loss.context_head_focus}")
   need(config.decode.contrastive_alpha >= 0, "decode.contrastive_alpha",
        f"must be >= 0 (0: off), got {config.decode.contrastive_alpha}")
   for ax in ("data", "fsdp", "tensor"):

@@ -37,6 +37,7 @@ from aligncap_jax import train_state as ts
 
 METRICS_FILE = "train_metrics.jsonl"
 LOGGED = ("loss", "loss_cap", "loss_tag", "loss_cond", "loss_multi", "lr", "grad_norm")
+OPTIONAL_LOGGED = ("loss_context",)  # loss.context_head > 0 only
 
 
 class TrainingError(RuntimeError):
@@ -257,6 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           rate = (step - last_step) * global_bs / max(now - last_time, 1e-9)
           last_time, last_step = now, step
           writer.write(step, {**{k: float(m[k]) for k in LOGGED},
+                              **{k: float(m[k]) for k in OPTIONAL_LOGGED if k in m},
                               "examples_per_sec": rate,
                               "bad_steps": int(jax.device_get(state.bad_steps))})
           if bar is not None:

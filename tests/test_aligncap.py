@@ -319,3 +319,60 @@ def test_decoder_only_greedy_equals_training_forward_argmax(repetition_penalty):
                                             steps, repetition_penalty)
   assert margin > ARGMAX_MARGIN, margin
   np.testing.assert_array_equal(got["tokens"], want)
+
+
+@pytest.mark.parametrize("select", ["weighted", "hardest", "1,3"])
+def test_context_head_loss_is_the_captioner_weighted_direct_head_formula(select):
+  """loss.context_head (issue 16's departure): a linear head on the mean latent
+  predicts every caption token, each token's cross-entropy weighted by
+  (1 - p_captioner)^focus ("weighted"), or only each region's hardest token, or
+  only the listed positions; the total gains weight * that term. Off by default:
+  the paper's model has no such parameters."""
+  c = tiny_config(pairwise_form="dense")
+  c.loss.context_head, c.loss.context_head_focus = 0.5, 2.0
+  c.loss.context_head_select = select
+  batch = make_batch(c)
+  batch["valid"][-2:] = 0
+  model, params, te = init(c, batch)
+  assert "context_head" in params
+  (loss, metrics), grads = value_and_grad_fn(model, te)(params, batch)
+  latents = model.apply({"params": params}, batch, True,
+                        method=lambda m, b, d: m._region_latents(b, d))
+  cap_logits = model.apply({"params": params}, batch, method=aligncap.AlignCap.caption_logits)
+  z = np.asarray(latents, np.float64).mean(1)
+  k = np.asarray(params["context_head"]["kernel"], np.float64)
+  bias = np.asarray(params["context_head"]["bias"], np.float64)
+  b, t = batch["caption_tokens"].shape
+  head = (z @ k + bias).reshape(b, t, -1)
+
+  def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+  tok = batch["caption_tokens"][..., None]
+  nll = -np.take_along_axis(log_softmax(head), tok, -1)[..., 0]
+  p = np.exp(np.take_along_axis(log_softmax(np.asarray(cap_logits, np.float64)), tok, -1)[..., 0])
+  mask = batch["caption_mask"] * batch["valid"][:, None]
+  w = (1 - p) ** 2 * mask
+  if select == "hardest":
+    w = np.eye(t)[np.argmax(w, 1)] * mask
+  elif select == "1,3":
+    w = np.zeros((b, t)); w[:, [1, 3]] = 1.0; w *= mask
+  want = np.sum(nll * w) / batch["valid"].sum()
+  np.testing.assert_allclose(metrics["loss_context"], want, rtol=1e-4)
+  lc = c.loss
+  paper = (lc.alpha * metrics["loss_tag"] + lc.beta * metrics["loss_cap"]
+           + lc.gamma * metrics["loss_cond"] + lc.lambda_ * metrics["loss_multi"])
+  np.testing.assert_allclose(metrics["loss"], paper + 0.5 * metrics["loss_context"], rtol=1e-6)
+  for name in ("context_head", "qformer", "vision"):
+    assert sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads[name])) > 0, name
+
+
+def test_context_head_is_off_by_default():
+  c = tiny_config(pairwise_form="dense")
+  assert c.loss.context_head == 0
+  model = aligncap.build_model(c, V)
+  shapes = jax.eval_shape(
+      lambda k: model.init({"params": k, "dropout": k}, make_batch(c),
+                           jnp.zeros((V, c.model.clip_text.hidden_size))), jax.random.key(0))
+  assert "context_head" not in shapes["params"]

@@ -71,6 +71,9 @@ def test_validate_rejects_impossible_values():
       ("data", "god_top_k", -1): "data.god_top_k",
       ("train", "per_device_batch_size", 0): "train.per_device_batch_size",
       ("mesh", "data", 0): "mesh.data",
+      ("loss", "context_head", -0.5): "loss.context_head",
+      ("loss", "context_head_select", "relation"): "loss.context_head_select",
+      ("loss", "context_head_select", "4,99"): "loss.context_head_select",
   }
   for (group, field, value), name in cases.items():
     c = tiny.get_config()

@@ -118,6 +118,12 @@ class AlignCap(nn.Module):
     self.cond_b = self.param("cond_b", const(lc.init_b))
     self.multi_log_t = self.param("multi_log_t", const(lc.init_log_t))
     self.multi_b = self.param("multi_b", const(lc.init_b))
+    if lc.context_head > 0:
+      # Departure (loss.context_head, issue 16): one linear map from the mean latent
+      # to every caption position's vocabulary logits.
+      self.context_head = layers.dense(
+          self.config.data.max_caption_tokens * m.llm.vocab_size, ("embed", "vocab"),
+          "context_head", dt, pdt)
     self.prompt_vector = self.param(
         "prompt_vector", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         (d_model,), pdt)
@@ -248,6 +254,30 @@ class AlignCap(nn.Module):
                                             score_fn=score_fn, score_params=score_params,
                                             valid=valid)
 
+  def _context_head_loss(self, latents, cap_logits, cap, cap_mask, valid):
+    """loss.context_head's term: per-token cross-entropy of the direct head, each
+    token weighted by (1 - p)^focus with p the captioner's stop-gradient
+    probability of it (`context_head_select="weighted"`), or only the token with
+    the largest such weight ("hardest"), or only the listed caption positions
+    ("4": a diagnostic that knows the synthetic grammar, where position 4 is the
+    relation word); summed over the caption, mean over valid regions."""
+    t, v = cap.shape[1], self.config.model.llm.vocab_size
+    z = jnp.mean(latents, axis=1)
+    head = self.context_head(z).astype(jnp.float32).reshape((z.shape[0], t, v))
+    logp = jax.nn.log_softmax(head, axis=-1)
+    nll = -jnp.take_along_axis(logp, cap[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    cap_logp = jax.nn.log_softmax(jax.lax.stop_gradient(cap_logits).astype(jnp.float32), -1)
+    p = jnp.exp(jnp.take_along_axis(cap_logp, cap[..., None].astype(jnp.int32), -1)[..., 0])
+    w = (1.0 - p) ** self.config.loss.context_head_focus * cap_mask.astype(jnp.float32)
+    select = self.config.loss.context_head_select
+    if select == "hardest":
+      w = jax.nn.one_hot(jnp.argmax(w, axis=1), t) * cap_mask.astype(jnp.float32)
+    elif select != "weighted":
+      keep = np.zeros((t,), np.float32)
+      keep[[int(x) for x in select.split(",")]] = 1.0
+      w = jnp.asarray(keep)[None] * cap_mask.astype(jnp.float32)
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(valid), 1.0)
+
   # ------------------------------------------------------------------ training
   def __call__(self, batch, tag_embeddings, *, train: bool = False):
     """All four losses of Eq. 1. Returns (loss, metrics dict of float32 scalars)."""
@@ -287,6 +317,10 @@ class AlignCap(nn.Module):
             + lc.lambda_ * loss_multi)
     metrics = {"loss": loss, "loss_cap": loss_cap, "loss_tag": loss_tag,
                "loss_cond": loss_cond, "loss_multi": loss_multi}
+    if lc.context_head > 0:
+      loss_ctx = self._context_head_loss(latents, logits, cap, cap_mask, valid)
+      loss = loss + lc.context_head * loss_ctx
+      metrics.update(loss=loss, loss_context=loss_ctx)
     return loss, {k: v.astype(jnp.float32) for k, v in metrics.items()}
 
   # ------------------------------------------------------------------ decoding

@@ -1,17 +1,11 @@
 """Teacher-forced accuracy per caption position: real views vs views of another region; with the batch prompt vs the no-tag prompt."""
-import sys, numpy as np
-ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
-sys.path.insert(0, ROOT + "/configs"); sys.path.insert(0, ROOT)
+import sys
+import numpy as np
 import jax, jax.numpy as jnp
-import synthetic as cfgmod
-from aligncap_jax import evaluate as eval_lib
+from _checkpoint import load
 from aligncap_jax.data import pipeline
 from aligncap_jax.models import aligncap
-wd = sys.argv[1]
-c = cfgmod.get_config()
-for s in sys.argv[2:]:
-  k, v = s.split("="); sec, f = k.split("."); c[sec][f] = type(c[sec][f])(eval(v))
-mesh, assets, model, params, _ = eval_lib.load_for_inference(c, wd, "eval")
+c, assets, model, params = load(sys.argv[1:])
 f = jax.jit(lambda p, b: model.apply({"params": p}, b, method=aligncap.AlignCap.caption_logits))
 it = pipeline.make_train_iterator(c, assets, global_batch_size=64)
 batches = [next(it) for _ in range(8)]
