@@ -321,16 +321,12 @@ def test_decoder_only_greedy_equals_training_forward_argmax(repetition_penalty):
   np.testing.assert_array_equal(got["tokens"], want)
 
 
-@pytest.mark.parametrize("select", ["weighted", "hardest", "1,3"])
-def test_context_head_loss_is_the_captioner_weighted_direct_head_formula(select):
+def test_context_head_loss_is_the_captioner_weighted_direct_head_formula():
   """loss.context_head (issue 16's departure): a linear head on the mean latent
   predicts every caption token, each token's cross-entropy weighted by
-  (1 - p_captioner)^focus ("weighted"), or only each region's hardest token, or
-  only the listed positions; the total gains weight * that term. Off by default:
-  the paper's model has no such parameters."""
+  (1 - p_captioner)^focus; the total gains weight * that term."""
   c = tiny_config(pairwise_form="dense")
   c.loss.context_head, c.loss.context_head_focus = 0.5, 2.0
-  c.loss.context_head_select = select
   batch = make_batch(c)
   batch["valid"][-2:] = 0
   model, params, te = init(c, batch)
@@ -354,10 +350,6 @@ def test_context_head_loss_is_the_captioner_weighted_direct_head_formula(select)
   p = np.exp(np.take_along_axis(log_softmax(np.asarray(cap_logits, np.float64)), tok, -1)[..., 0])
   mask = batch["caption_mask"] * batch["valid"][:, None]
   w = (1 - p) ** 2 * mask
-  if select == "hardest":
-    w = np.eye(t)[np.argmax(w, 1)] * mask
-  elif select == "1,3":
-    w = np.zeros((b, t)); w[:, [1, 3]] = 1.0; w *= mask
   want = np.sum(nll * w) / batch["valid"].sum()
   np.testing.assert_allclose(metrics["loss_context"], want, rtol=1e-4)
   lc = c.loss
@@ -366,6 +358,18 @@ def test_context_head_loss_is_the_captioner_weighted_direct_head_formula(select)
   np.testing.assert_allclose(metrics["loss"], paper + 0.5 * metrics["loss_context"], rtol=1e-6)
   for name in ("context_head", "qformer", "vision"):
     assert sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads[name])) > 0, name
+
+
+def test_context_head_weights_select_hardest_token_or_positions():
+  p = np.asarray([[0.9, 0.2, 0.5, 0.1], [0.3, 0.95, 0.6, 0.0]], np.float32)
+  mask = np.asarray([[1, 1, 1, 0], [1, 1, 1, 1]], np.int32)
+  np.testing.assert_allclose(aligncap.context_head_weights(p, mask, 2.0, "weighted"),
+                             (1 - p) ** 2 * mask, rtol=1e-6)
+  # row 0: position 3 (p 0.1) is padding, so position 1 is the hardest; row 1: position 3
+  np.testing.assert_array_equal(aligncap.context_head_weights(p, mask, 1.0, "hardest"),
+                                [[0, 1, 0, 0], [0, 0, 0, 1]])
+  np.testing.assert_array_equal(aligncap.context_head_weights(p, mask, 1.0, "0,3"),
+                                [[1, 0, 0, 0], [1, 0, 0, 1]])
 
 
 def test_context_head_is_off_by_default():

@@ -268,14 +268,8 @@ class AlignCap(nn.Module):
     nll = -jnp.take_along_axis(logp, cap[..., None].astype(jnp.int32), axis=-1)[..., 0]
     cap_logp = jax.nn.log_softmax(jax.lax.stop_gradient(cap_logits).astype(jnp.float32), -1)
     p = jnp.exp(jnp.take_along_axis(cap_logp, cap[..., None].astype(jnp.int32), -1)[..., 0])
-    w = (1.0 - p) ** self.config.loss.context_head_focus * cap_mask.astype(jnp.float32)
-    select = self.config.loss.context_head_select
-    if select == "hardest":
-      w = jax.nn.one_hot(jnp.argmax(w, axis=1), t) * cap_mask.astype(jnp.float32)
-    elif select != "weighted":
-      keep = np.zeros((t,), np.float32)
-      keep[[int(x) for x in select.split(",")]] = 1.0
-      w = jnp.asarray(keep)[None] * cap_mask.astype(jnp.float32)
+    lc = self.config.loss
+    w = context_head_weights(p, cap_mask, lc.context_head_focus, lc.context_head_select)
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(valid), 1.0)
 
   # ------------------------------------------------------------------ training
@@ -375,6 +369,27 @@ class AlignCap(nn.Module):
         contrast_inputs_embeds=contrast)
     return {"tokens": tokens, "scores": scores, "tag_probs": probs, "prompt_tokens": prompt,
             "prompt_mask": pmask}
+
+
+def context_head_weights(p, mask, focus: float, select: str):
+  """Per-token weights float32[B, T] of loss.context_head's cross-entropy.
+
+  Args:
+    p: float[B, T] the captioner's (stop-gradient) probability of each token.
+    mask: 0/1[B, T] caption tokens that count.
+    focus: exponent of (1 - p).
+    select: "weighted" ((1 - p)^focus), "hardest" (1 at each row's token of
+      largest (1 - p)^focus, else 0) or comma-separated positions (1 there).
+  """
+  m = mask.astype(jnp.float32)
+  w = (1.0 - p.astype(jnp.float32)) ** focus * m
+  if select == "weighted":
+    return w
+  if select == "hardest":
+    return jax.nn.one_hot(jnp.argmax(w, axis=1), w.shape[1]) * m
+  keep = np.zeros((w.shape[1],), np.float32)
+  keep[[int(x) for x in select.split(",")]] = 1.0
+  return jnp.asarray(keep)[None] * m
 
 
 def build_model(config, num_tags: int) -> AlignCap:
