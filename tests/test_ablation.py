@@ -53,20 +53,24 @@ def test_quick_grid_writes_its_outputs_and_a_rerun_skips_finished_runs(tmp_path)
                             env.get("XLA_FLAGS", ""))
   env.pop("PJRT_NPROC", None)
   work, results = tmp_path / "grid", tmp_path / "results" / "ablation.md"
-  out = _run(["--quick", "--workdir", str(work), "--results", str(results)], env)
-  assert re.search(r"\[1/2\] full seed0: done in .*elapsed .*estimated .* left", out), out
-  assert re.search(r"\[2/2\] no_god seed0: done in ", out), out
+  # Two runs at a time: no_god trains beside full while vcd waits for full's checkpoint.
+  out = _run(["--quick", "--jobs", "2", "--rows", "full,no_god,vcd", "--workdir", str(work),
+              "--results", str(results)], env)
+  assert re.search(r"\[1/3\] full seed0: done in .*elapsed .*estimated .* left", out), out
+  assert re.search(r"\[2/3\] no_god seed0: done in ", out), out
+  assert re.search(r"\[3/3\] vcd seed0: done in ", out), out
+  assert out.index("[1/3] full seed0: done in") < out.index("[3/3] vcd seed0: running in"), out
   assert (work / "tfds" / "synthetic_regions").is_dir()       # its own small dataset
   assert not (tmp_path / "tfds_env").exists()
 
   table = results.read_text()
-  for row in ("full", "no_god"):
+  for row in ("full", "no_god", "vcd"):
     line = next(l for l in table.splitlines() if l.startswith(f"| {row} | 1 |"))
     assert line.count(" ± ") == 10, line                      # 4 caption metrics + 6 attributes
   assert "full > row: GOD" in table
   assert results.with_suffix(".png").stat().st_size > 0
   runs = json.loads(results.with_suffix(".json").read_text())["runs"]
-  assert sorted(r["row"] for r in runs) == ["full", "no_god"]
+  assert [r["row"] for r in runs] == ["full", "no_god", "vcd"]
   for r in runs:
     assert {"CIDEr", "attr_relation", "attr_neighbour", "exact_match"} <= set(r["metrics"])
     # The validation curve: steps 2 and 4, with the attribute accuracies.
@@ -74,18 +78,18 @@ def test_quick_grid_writes_its_outputs_and_a_rerun_skips_finished_runs(tmp_path)
     assert all("attr_relation" in p for p in r["curve"])
   no_god = next(r for r in runs if r["row"] == "no_god")
   assert "data.context_views=False" in no_god["overrides"]
+  assert not (work / "vcd" / "seed0" / "train.log").exists()
+  vcd = next(r for r in runs if r["row"] == "vcd")
+  assert "decode.contrastive_alpha=1" in vcd["overrides"]
 
-  # Second invocation: the finished runs are skipped; vcd decodes full's checkpoint.
+  # Second invocation: every run is finished and skipped, the table rewritten.
   marks = {row: (work / row / "seed0" / "run.json").stat().st_mtime_ns
-           for row in ("full", "no_god")}
+           for row in ("full", "no_god", "vcd")}
+  results.unlink()
   out = _run(["--quick", "--workdir", str(work), "--results", str(results),
               "--rows", "full,no_god,vcd"], env)
-  assert "[1/3] full seed0: finished before, skipped" in out, out
-  assert "[2/3] no_god seed0: finished before, skipped" in out, out
-  assert "[3/3] vcd seed0: done in" in out, out
+  for k, row in enumerate(("full", "no_god", "vcd"), 1):
+    assert f"[{k}/3] {row} seed0: finished before, skipped" in out, out
   assert marks == {row: (work / row / "seed0" / "run.json").stat().st_mtime_ns
-                   for row in ("full", "no_god")}
-  assert not (work / "vcd" / "seed0" / "train.log").exists()
-  vcd = json.loads((work / "vcd" / "seed0" / "run.json").read_text())
-  assert "decode.contrastive_alpha=1" in vcd["overrides"]
+                   for row in ("full", "no_god", "vcd")}
   assert "| vcd | 1 |" in results.read_text()
