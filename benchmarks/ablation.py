@@ -229,7 +229,7 @@ class Grid:
     if todo:
       # Build the dataset once, before runs that would otherwise race to build it.
       os.makedirs(self.workdir, exist_ok=True)
-      self._main("prepare", self.workdir, self._base_overrides(jobs[todo[0]][0], jobs[todo[0]][1]),
+      self._main("prepare", self.workdir, self._base_overrides(Row("data", (), ""), self.seeds[0]),
                  os.path.join(self.workdir, "prepare.log"))
     lock = threading.Lock()
     pending = set(todo)
