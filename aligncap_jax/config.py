@@ -116,6 +116,12 @@ def base_config() -> ml_collections.ConfigDict:
       # (`view_boxes[:, v]` / view size: corners, centre, extent), so the fused
       # tokens say where the target sits in each context view.
       view_box_embedding=False,
+      # Departure (DESIGN.md section 10, issue 16): c > 0 appends to every view's
+      # tokens c x c more, RoI-pooled over the whole view (the target box alone is
+      # pooled into the usual r x r), each plus a learned vector (zero-init) times
+      # the fraction of its cell the target box covers; so a context view's
+      # neighbour reaches the sampler, marked apart from the target. 0 = off.
+      context_tokens=0,
       dtype="float32",                # activations of the trainable blocks
       frozen_dtype="bfloat16",        # frozen towers' params and activations
       remat=True,                     # rematerialise transformer layers
@@ -135,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.trainable = [
       r"^cross_view/", r"^view_fusion/", r"^qformer/",
       r"^language_projection/", r"^tagging/", r"^cond_", r"^multi_",
-      r"^prompt_vector$", r"^target_embedding$", r"^view_box_proj/", r"^context_head/",
+      r"^prompt_vector$", r"^target_embedding$", r"^view_box_proj/", r"^context_target_embedding$", r"^context_head/",
   ]
 
   # ---------------------------------------------------------------- loss
@@ -263,6 +269,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"must be 'dense', 'chunked' or 'ring', got {m.pairwise_form!r}")
   need(m.candidate_pool in ("target_box", "whole_view"), "model.candidate_pool",
        f"must be 'target_box' or 'whole_view', got {m.candidate_pool!r}")
+  need(m.context_tokens >= 0, "model.context_tokens",
+       f"must be >= 0 (0 = off), got {m.context_tokens}")
   need(m.cross_view.value_from in ("candidate", "target"), "model.cross_view.value_from",
        f"must be 'candidate' or 'target', got {m.cross_view.value_from!r}")
   need(m.llm.family in ("t5", "llama"), "model.llm.family",

@@ -143,3 +143,54 @@ def test_view_box_embedding_starts_at_zero_and_then_tells_where_the_target_sits(
   effect_moved = np.asarray(on(p_one, moved_batch) - on(p_zero, moved_batch))
   assert np.abs(effect).max() > 1e-3
   assert np.abs(effect - effect_moved).max() > 1e-3
+
+
+def _view_tokens_fn(model):
+  return jax.jit(lambda p, b: model.apply({"params": p}, b,
+                                          method=aligncap.AlignCap.view_tokens))
+
+
+def test_context_tokens_are_the_whole_view_pooled_and_marked_where_the_target_is(batch):
+  k = 3
+  c_on = tiny_config(context_tokens=k)
+  m_on = aligncap.build_model(c_on, V)
+  te = jnp.zeros((V, c_on.model.clip_text.projection_dim), jnp.float32)
+  p_on = _init(m_on, batch, te)
+  emb = p_on["context_target_embedding"]
+  assert emb.shape == (c_on.model.vision.hidden_size,) and not np.asarray(emb).any()
+  b, j = batch["views"].shape[:2]
+  r, s, patch = c_on.model.roi_output_size, c_on.data.view_size, c_on.model.vision.patch_size
+  tokens = np.asarray(_view_tokens_fn(m_on)(p_on, batch))
+  assert tokens.shape[:3] == (b, j, 1 + r * r + k * k)
+  # With the mark at zero the context tokens are RoI-align of the ViT's patch grid
+  # over the whole view (the same op on the same tower output).
+  vit = jax.jit(lambda p, x: m_on.apply({"params": p}, x, method=lambda mdl, x: mdl.vision(x)))
+  mean, std = aligncap.PIXEL_STATS[c_on.model.vision.family]
+  x = ((batch["views"].astype(np.float32) / 255.0 - mean) / std).reshape((b * j, s, s, 3))
+  out = vit(p_on, jnp.asarray(x, jnp.dtype(c_on.model.frozen_dtype)))
+  g = s // patch
+  grid = out[:, 1:].reshape((b * j, g, g, -1)).astype(jnp.float32)
+  whole = jnp.broadcast_to(jnp.asarray([0.0, 0.0, s, s], jnp.float32), (b * j, 1, 4))
+  want = ops.roi_align(grid, whole, k, 1.0 / patch, sampling_ratio=c_on.model.roi_sampling_ratio,
+                       aligned=c_on.model.roi_aligned).reshape((b, j, k * k, -1))
+  # Same float32 ops, compiled in two programs: a few ulps of the tokens' scale.
+  np.testing.assert_allclose(tokens[:, :, 1 + r * r:], np.asarray(want), rtol=1e-5, atol=1e-5)
+  # The learned mark adds, to each context cell, the vector times the share of the
+  # cell the target box covers, and nothing to the other tokens.
+  vec = jnp.arange(1.0, c_on.model.vision.hidden_size + 1.0) / 10.0
+  marked = np.asarray(_view_tokens_fn(m_on)(dict(p_on, context_target_embedding=vec), batch))
+  diff = marked - tokens
+  np.testing.assert_array_equal(diff[:, :, :1 + r * r], 0.0)
+  cover = np.asarray(ops.box_coverage(jnp.asarray(batch["view_boxes"].reshape((b * j, 4))),
+                                      k, s / k)).reshape((b, j, k * k, 1))
+  np.testing.assert_allclose(diff[:, :, 1 + r * r:], cover * np.asarray(vec), rtol=1e-5,
+                             atol=1e-5)
+  assert 0 < cover.mean() < 1
+  grad = _loss_grad(m_on, p_on, "context_target_embedding", batch, te)
+  assert float(jnp.abs(grad).max()) > 0
+
+
+def test_context_tokens_must_not_be_negative():
+  from aligncap_jax import config as config_lib
+  with pytest.raises(ValueError, match="model.context_tokens"):
+    config_lib.validate(tiny_config(context_tokens=-1))

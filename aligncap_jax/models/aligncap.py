@@ -87,6 +87,11 @@ class AlignCap(nn.Module):
           m.vision.hidden_size, dtype=dt, param_dtype=pdt, name="view_box_proj",
           kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
+    if m.context_tokens > 0:
+      self.context_target_embedding = self.param(
+          "context_target_embedding",
+          nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+          (m.vision.hidden_size,), pdt)
     self.qformer = qformer_lib.QFormer(
         _tower_config(qformer_lib.QFormerConfig, m.qformer, m), dtype=dt, param_dtype=pdt)
     self.clip_text = clip_text_lib.CLIPTextEncoder(
@@ -129,8 +134,12 @@ class AlignCap(nn.Module):
         (d_model,), pdt)
 
   # ------------------------------------------------------------------ pieces
-  def _region_latents(self, batch, deterministic: bool):
-    """views -> Q-Former latents float[B, Q, H]."""
+  def view_tokens(self, batch, deterministic: bool = True):
+    """Each view's tokens before the cross-view block: float[B, j, L, C].
+
+    L = 1 + r * r (+ c * c with `model.context_tokens = c`): the class token, the
+    RoI-aligned target box, and the optional whole-view context tokens.
+    """
     m = self.config.model
     views = batch["views"]
     b, j, s = views.shape[0], views.shape[1], views.shape[2]
@@ -160,12 +169,31 @@ class AlignCap(nn.Module):
                            sampling_ratio=m.roi_sampling_ratio, aligned=m.roi_aligned)
     r = m.roi_output_size
     pooled = pooled.reshape((b * j, r * r, tokens.shape[-1]))
-    per_view = jnp.concatenate([cls, pooled], axis=1)
+    parts = [cls, pooled]
+    if m.context_tokens > 0:
+      # The whole view, coarsely, so what lies around the target reaches the
+      # sampler; each cell marked by how much of it the target box covers.
+      k = m.context_tokens
+      whole = jnp.broadcast_to(jnp.asarray([0.0, 0.0, s, s], jnp.float32), (b * j, 1, 4))
+      ctx = ops.roi_align(grid, whole, k, 1.0 / patch, sampling_ratio=m.roi_sampling_ratio,
+                          aligned=m.roi_aligned).reshape((b * j, k * k, tokens.shape[-1]))
+      cover = ops.box_coverage(batch["view_boxes"].reshape((b * j, 4)).astype(jnp.float32),
+                               k, s / k)
+      ctx = ctx + cover[..., None].astype(ctx.dtype) * self.context_target_embedding.astype(
+          ctx.dtype)
+      parts.append(ctx)
+    per_view = jnp.concatenate(parts, axis=1)
     length, c = per_view.shape[1], per_view.shape[2]
     per_view = per_view.reshape((b, j, length, c))
     if m.view_box_embedding:
       per_view = per_view + self.view_box_proj(
           ops.box_geometry(batch["view_boxes"].astype(jnp.float32), float(s)))[:, :, None]
+    return per_view
+
+  def _region_latents(self, batch, deterministic: bool):
+    """views -> Q-Former latents float[B, Q, H]."""
+    per_view = self.view_tokens(batch, deterministic)
+    b, j, length, c = per_view.shape
     target = per_view[:, 0]
     if j > 1:
       cand = per_view[:, 1:].reshape((b * (j - 1), length, c))
