@@ -7,6 +7,14 @@ import synthetic as cfgmod
 from aligncap_jax.data import pipeline, synthetic
 from aligncap_jax.metrics import attributes
 c = cfgmod.get_config()
+# Overrides as `section.field=value` arguments after N (e.g. data.view_size=96).
+for arg in sys.argv[2:]:
+  key, value = arg.split("=", 1)
+  *path, last = key.split(".")
+  node = c
+  for q in path:
+    node = node[q]
+  node[last] = type(node[last])(eval(value)) if not isinstance(node[last], str) else value
 os.makedirs(DIR, exist_ok=True)
 assets = pipeline.load_assets(c)
 REL = {r: i for i, r in enumerate(synthetic.RELATIONS)}
