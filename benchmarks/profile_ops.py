@@ -82,9 +82,13 @@ def report_jax(fn: Callable[[], object], *, calls: int = 3, flops: float | None 
     with gzip.open(files[0]) as f:
       events = json.load(f)["traceEvents"]
   per_kind: dict[str, float] = collections.Counter()
-  for e in events:
-    if e.get("ph") != "X" or e["name"].startswith(_JAX_SKIP):
-      continue
+  spans = [e for e in events if e.get("ph") == "X" and not e["name"].startswith(_JAX_SKIP)]
+  # XLA's thunk executor tags each kernel with the HLO op it runs; host-side
+  # runtime events (MutexLock, buffer allocation, garbage collection) carry no
+  # such tag and, on a busy machine, can outweigh the kernels themselves.
+  if any("hlo_op" in e.get("args", {}) for e in spans):
+    spans = [e for e in spans if "hlo_op" in e.get("args", {})]
+  for e in spans:
     per_kind[_kind(e["name"])] += e["dur"] * 1e-6 / calls
   matmul = {k for k in per_kind if _JAX_MATMUL.match(k)}
   return _format(title, per_kind, matmul, calls, flops, top, wall)
