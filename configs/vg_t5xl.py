@@ -43,11 +43,11 @@ compiler). Measured on a 2-core CPU machine, jax/libtpu 0.10.2, train step:
   cpu:8        64              1.58 GiB   23.44 GiB  25.02 GiB  33
   cpu:8        32              1.57 GiB   12.48 GiB  14.05 GiB  51
   v5e:2x4      64              1.65 GiB   13.70 GiB  15.36 GiB  760
-  v5e:2x4      32              1.64 GiB    7.29 GiB   8.93 GiB  869
+  v5e:2x4      32              1.64 GiB    7.30 GiB   8.94 GiB  392 (520 before issue 19)
   v5e:16x16    64              1.08 GiB   10.86 GiB  11.94 GiB  535
 
 The decode step (64 regions per device, beam 2) peaks at 9.92 GiB on cpu:8,
-14.11 GiB on v5e:2x4 (so `per-device peak` is 14.11 GiB there) and 10.45 GiB on
+13.03 GiB on v5e:2x4 (so `per-device peak` is 13.03 GiB there) and 10.45 GiB on
 v5e:16x16 (compile 158 s). At 256 chips, 64 regions per chip fit where they do not on
 8: fsdp=16 halves the state per chip and the ring keeps the pairwise losses' memory
 per chip independent of the global batch. The trade on 8 chips: the

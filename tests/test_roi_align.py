@@ -92,6 +92,21 @@ def test_matches_loop_reference(aligned, ratio, out):
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("ratio,out", [(2, 4), (1, (3, 5)), (0, (3, 2))])
+def test_few_boxes_per_map_matches_loop_reference(aligned, ratio, out):
+  """Few boxes per map and many channels: the single einsum over the whole map."""
+  feats, boxes = _random_case(seed=ratio + 5 + 10 * aligned, b=3, k=2, c=64)
+  scale = 0.25
+  out_hw = (out, out) if isinstance(out, int) else out
+  assert 2 * out_hw[0] * out_hw[1] * 7 * 9 <= 7 * 9 * 64   # the joint form's condition
+  got = jax.jit(roi_align, static_argnums=(2, 3, 4, 5))(
+      jnp.asarray(feats), jnp.asarray(boxes), out, scale, ratio, aligned)
+  want = _reference(feats, boxes, out_hw, scale, ratio, aligned)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+
+
 def test_hand_computed_3x3():
   """F[y, x] = 3y + x on a 3x3 map, worked out by hand from the algorithm."""
   f = jnp.arange(9.0).reshape(1, 3, 3, 1)

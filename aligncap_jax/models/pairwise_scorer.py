@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from aligncap_jax.models.vit import DenseGeneral
-from aligncap_jax.ops import dot_product_attention
+from aligncap_jax.ops import dot_product_attention, gelu_exact
 
 Dtype = Any
 
@@ -136,7 +136,7 @@ class PairwiseScorer(nn.Module):
       q = self.query[l](x)                                      # [N, M, H, Dh]
       attn = dot_product_attention(q, rows["keys"][l], rows["values"][l], mask)
       x = self.attn_norm[l](x + self.attn_out[l](attn)).astype(self.dtype)
-      h = nn.gelu(self.mlp_in[l](x), approximate=False)
+      h = gelu_exact(self.mlp_in[l](x))
       x = self.mlp_norm[l](x + self.mlp_out[l](h)).astype(self.dtype)
     x = x.astype(self._stat_dtype)
     x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))

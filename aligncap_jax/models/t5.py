@@ -23,13 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from aligncap_jax.models.vit import DenseGeneral
+from aligncap_jax.ops import activations as ops_activations
 
 Array = jax.Array
 Cache = dict[str, Array]
 
 _ACTIVATIONS = {
     "relu": jax.nn.relu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": ops_activations.gelu_exact,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "silu": jax.nn.silu,

@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aligncap_jax.ops import activations as ops_activations
+
 Dtype = Any
 
 FAMILIES = ("blip2", "clip", "siglip")
@@ -38,7 +40,7 @@ def _quick_gelu(x: jax.Array) -> jax.Array:
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": ops_activations.gelu_exact,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "quick_gelu": _quick_gelu,

@@ -7,7 +7,8 @@ zero") is the product of a row test and a column test. Averaging over the
 `grid_h x grid_w` samples of a bin therefore factorises too, so every box becomes
 two small weight matrices `Wy[out_h, H]`, `Wx[out_w, W]` and the pooled output is
 `Wy @ F @ Wx^T` per channel: two einsums over all boxes at once, no gather and no
-loop over boxes (the matmul form is what TPUs are fast at).
+loop over boxes (the matmul form is what TPUs are fast at). With few boxes per
+map the two are one einsum over the whole map with the outer product `Wy x Wx`.
 """
 from __future__ import annotations
 
@@ -137,6 +138,19 @@ def roi_align(features: jax.Array, boxes: jax.Array,
   wy = _axis_weights(y1, roi_h, out_h, height, grid_h)   # [B, K, out_h, H]
   wx = _axis_weights(x1, roi_w, out_w, width, grid_w)    # [B, K, out_w, W]
   hp = jax.lax.Precision.HIGHEST
+  b, k, channels = features.shape[0], boxes.shape[1], features.shape[-1]
+  if k * out_h * out_w * height * width <= height * width * channels:
+    # One contraction over the whole map with the outer product of the two axis
+    # weights, float[B, K, out_h * out_w, H * W] (no bigger than the features
+    # here: few boxes per map, e.g. the model's one): a plain batched matmul with
+    # a contraction of H * W. The two chained einsums below (contractions of H,
+    # then W, with batch-major operands) compiled about 10x slower on TPU (21 s
+    # and 6 s for the model's ViT-g maps).
+    joint = (wy[:, :, :, None, :, None] * wx[:, :, None, :, None, :]).reshape(
+        b, k, out_h * out_w, height * width)
+    out = jnp.einsum("bkPH,bHc->bkPc", joint.astype(features.dtype),
+                     features.reshape(b, height * width, channels), precision=hp)
+    return out.reshape(b, k, out_h, out_w, channels).astype(features.dtype)
   rows = jnp.einsum("bkph,bhwc->bkpwc", wy.astype(features.dtype), features, precision=hp)
   out = jnp.einsum("bkqw,bkpwc->bkpqc", wx.astype(features.dtype), rows, precision=hp)
   return out.astype(features.dtype)
