@@ -115,7 +115,8 @@ def memory_stats(compiled: Any) -> dict[str, int]:
 
 def compile_steps(config: ml_collections.ConfigDict, topology: str = "cpu:8",
                   model: nn.Module | None = None, num_tags: int | None = None,
-                  steps: tuple[str, ...] = ("train", "decode")) -> dict[str, dict]:
+                  steps: tuple[str, ...] = ("train", "decode"),
+                  compiler_options: dict[str, Any] | None = None) -> dict[str, dict]:
   """Lowers and compiles the train and/or decode step for a target, from shapes only.
 
   Args:
@@ -124,6 +125,8 @@ def compile_steps(config: ml_collections.ConfigDict, topology: str = "cpu:8",
     model: default `aligncap.build_model(config, num_tags)`.
     num_tags: default `config.data.tag_vocab_size`.
     steps: which of "train" and "decode" to compile.
+    compiler_options: XLA / libtpu options for `Lowered.compile` (e.g.
+      `{"xla_tpu_enable_windowed_einsum_for_all_gather": False}`).
 
   Returns:
     {step: {"compiled", "lower_s", "compile_s", "memory", "batch"}} plus
@@ -166,7 +169,7 @@ def compile_steps(config: ml_collections.ConfigDict, topology: str = "cpu:8",
       lowered = fn.lower(*args)
       t1 = time.perf_counter()
       try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=compiler_options or None)
       except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
           raise
