@@ -126,7 +126,9 @@ def compile_steps(config: ml_collections.ConfigDict, topology: str = "cpu:8",
     num_tags: default `config.data.tag_vocab_size`.
     steps: which of "train" and "decode" to compile.
     compiler_options: XLA / libtpu options for `Lowered.compile` (e.g.
-      `{"xla_tpu_enable_windowed_einsum_for_all_gather": False}`).
+      `{"xla_tpu_enable_windowed_einsum_for_all_gather": False}`); default: on a
+      TPU topology, `sharding.tpu_compiler_options(config)`. The config's
+      `train.xla_optimization_level` / `xla_exec_time_effort` apply either way.
 
   Returns:
     {step: {"compiled", "lower_s", "compile_s", "memory", "batch"}} plus
@@ -163,7 +165,9 @@ def compile_steps(config: ml_collections.ConfigDict, topology: str = "cpu:8",
                  in_shardings=(factory.state_shardings.params, per_row, rep, rep),
                  out_shardings=per_row)
     jobs["decode"] = (fn, (state.params, batch, tag_emb, table), b)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  if compiler_options is None and not topology.startswith("cpu:"):
+    compiler_options = sharding.tpu_compiler_options(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), sharding.compiler_effort(config):
     for name, (fn, args, b) in jobs.items():
       t0 = time.perf_counter()
       lowered = fn.lower(*args)

@@ -180,6 +180,7 @@ def main(argv):
   from aligncap_jax import sharding  # pylint: disable=g-import-not-at-top
   from aligncap_jax import train  # pylint: disable=g-import-not-at-top
   cache = _enable_compilation_cache(jax, config, workdir, mode)
+  compiler = sharding.apply_compiler_settings(config)
   try:
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
@@ -188,6 +189,8 @@ def main(argv):
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices())
     logging.info("compilation cache: %s", cache or "off")
+    if compiler:
+      logging.info("compiler settings: %s", "; ".join(compiler))
     _dispatch(config, workdir, mode)
   except (ValueError, FileNotFoundError) as e:
     _fail(str(e), 2)

@@ -7,6 +7,7 @@ the other, so the same code runs on 1 CPU, 8 fake CPU devices or a pod slice.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -45,6 +46,64 @@ def initialize_distributed(coordinator_address: str | None = None,
   logging.info("jax.distributed initialised: process %d of %d",
                jax.process_index(), jax.process_count())
   return True
+
+
+# libtpu options that compile fsdp's all-gather / reduce-scatter matmuls as one
+# collective and one matmul instead of a windowed-einsum loop of partial matmuls.
+TPU_WINDOWED_EINSUM_OFF = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                           "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+def tpu_compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Per-compile libtpu options from `train.tpu_windowed_einsum` (TPU targets only)."""
+  return {} if config.train.tpu_windowed_einsum else dict(TPU_WINDOWED_EINSUM_OFF)
+
+
+def _effort_updates(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  t = config.train
+  updates: dict[str, Any] = {}
+  if t.xla_optimization_level:
+    updates["jax_optimization_level"] = t.xla_optimization_level
+  if t.xla_exec_time_effort:
+    updates["jax_exec_time_optimization_effort"] = float(t.xla_exec_time_effort)
+  return updates
+
+
+@contextlib.contextmanager
+def compiler_effort(config: ml_collections.ConfigDict):
+  """XLA's effort levels from `train.xla_optimization_level` / `xla_exec_time_effort`
+  for the compiles inside the block (restored after)."""
+  updates = _effort_updates(config)
+  old = {k: getattr(jax.config, k) for k in updates}
+  try:
+    for k, v in updates.items():
+      jax.config.update(k, v)
+    yield
+  finally:
+    for k, v in old.items():
+      jax.config.update(k, v)
+
+
+def apply_compiler_settings(config: ml_collections.ConfigDict) -> list[str]:
+  """The process-wide form of the compiler settings, for `main` before the backend starts.
+
+  Sets XLA's effort levels for every later compile, and with
+  `train.tpu_windowed_einsum=False` adds the libtpu flags to `LIBTPU_INIT_ARGS`
+  (read when libtpu starts, so this must run before the first device query).
+
+  Returns:
+    What was set, one line each, for the log.
+  """
+  done = []
+  for k, v in _effort_updates(config).items():
+    jax.config.update(k, v)
+    done.append(f"{k}={v}")
+  extra = [f"--{k}={str(v).lower()}" for k, v in tpu_compiler_options(config).items()]
+  if extra:
+    args = os.environ.get("LIBTPU_INIT_ARGS", "").split()
+    os.environ["LIBTPU_INIT_ARGS"] = " ".join(args + [a for a in extra if a not in args])
+    done.append("LIBTPU_INIT_ARGS+=" + " ".join(extra))
+  return done
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:

@@ -142,3 +142,50 @@ def test_per_chip_memory_does_not_grow_from_8_to_256_chips():
     temps[topo] = {s: res[s]["memory"]["temporary"] for s in ("train", "decode")}
   for step in ("train", "decode"):
     assert temps["v5e:16x16"][step] <= 1.1 * temps["v5e:2x4"][step], (step, temps)
+
+
+@needs_libtpu
+def test_tpu_compiler_settings_reach_libtpu_and_are_restored():
+  """The config's compiler settings are options libtpu knows (a misspelt one fails
+  the compile) and the effort levels apply only inside `compiler_effort`."""
+  config = config_lib.base_config()
+  config.train.tpu_windowed_einsum = False
+  config.train.xla_exec_time_effort = -1.0
+  config.train.xla_optimization_level = "O1"
+  options = sharding.tpu_compiler_options(config)
+  assert options == sharding.TPU_WINDOWED_EINSUM_OFF
+  devices = aot.target_devices("v5e:2x4")
+  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(8), ("fsdp",))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+  x = jax.ShapeDtypeStruct((256, 512), np.float32, sharding=spec)
+  w = jax.ShapeDtypeStruct((512, 512), np.float32, sharding=spec)
+  lowered = jax.jit(lambda x, w: x @ w).lower(x, w)
+  with sharding.compiler_effort(config):
+    assert jax.config.jax_exec_time_optimization_effort == -1.0
+    assert str(jax.config.jax_optimization_level).endswith("O1")
+    lowered.compile(compiler_options=options)
+  assert jax.config.jax_exec_time_optimization_effort == 0.0
+  with pytest.raises(Exception, match="xla_tpu_enable_windowed_einsum_for_all_gatherr"):
+    lowered.compile(compiler_options={"xla_tpu_enable_windowed_einsum_for_all_gatherr": False})
+
+
+def test_apply_compiler_settings_sets_flags_for_the_process(monkeypatch):
+  config = config_lib.base_config()
+  monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_keep=1")
+  assert sharding.apply_compiler_settings(config) == []  # defaults: nothing set
+  config.train.tpu_windowed_einsum = False
+  config.train.xla_exec_time_effort = -0.5
+  old = jax.config.jax_exec_time_optimization_effort
+  try:
+    done = sharding.apply_compiler_settings(config)
+    assert jax.config.jax_exec_time_optimization_effort == -0.5
+  finally:
+    jax.config.update("jax_exec_time_optimization_effort", old)
+  import os  # pylint: disable=g-import-not-at-top
+  assert os.environ["LIBTPU_INIT_ARGS"].split() == [
+      "--xla_keep=1", "--xla_tpu_enable_windowed_einsum_for_all_gather=false",
+      "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"]
+  assert done[0] == "jax_exec_time_optimization_effort=-0.5"
+  config.train.xla_exec_time_effort = 2.0
+  with pytest.raises(ValueError, match="train.xla_exec_time_effort"):
+    config_lib.validate(config)

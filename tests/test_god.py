@@ -165,3 +165,20 @@ def test_select_views_train_samples_without_replacement_seeded():
   assert len(seen) == 10
   with pytest.raises(ValueError, match="rng"):
     god.select_views(views, dist, 2, train=True, target_box=[0] * 4)
+
+
+def test_objects_of_views_recovers_each_union_views_object():
+  target = [10, 10, 20, 20]
+  objects = [{"label": "cup", "bbox": [30, 12, 40, 18], "score": 0.9},
+             {"label": "cup", "bbox": [-5, 0, 5, 5], "score": 0.8},   # partly outside
+             {"label": "dog", "bbox": [12, 40, 18, 50], "score": 0.7}]
+  views = god.propose_views(target, objects, top_k=2, image_size=(64, 64))
+  assert len(views) == 3
+  got = god.objects_of_views(views, target, objects, image_size=(64, 64))
+  np.testing.assert_allclose(got, [[30, 12, 40, 18], [0, 0, 5, 5], [12, 40, 18, 50]])
+  # Slots filled with the target stay the target; eval's order is kept.
+  slots = god.select_views(views[:1], [3], 3, train=False, target_box=target)
+  np.testing.assert_allclose(god.objects_of_views(slots, target, objects, image_size=(64, 64)),
+                             [[30, 12, 40, 18], target, target])
+  with pytest.raises(ValueError, match="view 0 .* not the union of the target"):
+    god.objects_of_views([[0, 0, 60, 60]], target, objects, image_size=(64, 64))

@@ -404,3 +404,39 @@ def test_context_reach_counts_views_that_hold_the_neighbour(prepared):
   many.data.num_views = 64
   wide = context_reach.context_reach(many, "train")
   assert wide["context_in_eval_views"] == wide["context_in_any_view"] == got["context_in_any_view"]
+
+
+def test_object_context_crop_views_are_the_detected_objects(prepared):
+  config, assets = prepared
+  obj = _config(config.data.data_dir)
+  obj.data.context_crop = "object"
+  obj.model.candidate_pool = "whole_view"
+  union_b = next(pipeline.make_eval_iterator(config, assets, "test", batch_size=4))
+  obj_b = next(pipeline.make_eval_iterator(obj, assets, "test", batch_size=4))
+  np.testing.assert_array_equal(obj_b["views"][:, 0], union_b["views"][:, 0])
+  np.testing.assert_array_equal(obj_b["view_boxes"][:, 0], union_b["view_boxes"][:, 0])
+  source = pipeline._source(config, "test")
+  changed = 0
+  for row, t in enumerate(pipeline._eval_target_rows(config, "test", 4)):
+    rec = source[t["_record"]]
+    reg = pipeline._regions(rec)[t["_region"]]
+    box = np.asarray(t["box"], np.float32)
+    unions = god.select_views(reg["views"], reg["view_distance"], config.data.num_views - 1,
+                              train=False, target_box=box)
+    w, h = rec["width"], rec["height"]
+    want = god.objects_of_views(unions, box, rec["objects"], image_size=(w, h))
+    boxes = np.concatenate([box[None], want])
+    image = transforms.decode_image(rec["image"], name="test")
+    np.testing.assert_array_equal(obj_b["views"][row], transforms.crop_views(image, boxes, S))
+    np.testing.assert_allclose(
+        obj_b["view_boxes"][row], transforms.box_in_views(box, boxes, S, outside=True))
+    for o, u in zip(want, unions):
+      if not np.allclose(u, box):  # a context view: the object, not the union
+        assert any(np.allclose(o, np.clip(x["bbox"], 0, [w, h, w, h])) for x in rec["objects"])
+        changed += int(not np.allclose(o, u))
+  assert changed > 0  # some context view became an object box smaller than its union
+  bad = _config(config.data.data_dir)
+  bad.data.context_crop = "object"
+  with pytest.raises(ValueError, match="data.context_crop.*candidate_pool"):
+    from aligncap_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    config_lib.validate(bad)

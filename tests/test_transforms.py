@@ -83,3 +83,14 @@ def test_corrupt_and_missing_files_are_named(tmp_path):
     transforms.load_image_file(str(bad))
   with pytest.raises(FileNotFoundError, match="nope.png"):
     transforms.load_image_file(str(tmp_path / "nope.png"))
+
+
+def test_box_in_views_outside_keeps_where_the_box_lies():
+  # The target (0, 0)-(10, 10) left of and above an object view (20, 20)-(40, 40),
+  # S = 20 (scale 1): inside-only coordinates pin it to the corner; `outside` keeps
+  # (-20, -20)-(-10, -10), clipped to [-3S, 4S].
+  views = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [100, 0, 102, 10]], np.float32)
+  np.testing.assert_allclose(transforms.box_in_views([0, 0, 10, 10], views[:2], 20),
+                             [[0, 0, 20, 20], [0, 0, 0, 0]])
+  got = transforms.box_in_views([0, 0, 10, 10], views, 20, outside=True)
+  np.testing.assert_allclose(got, [[0, 0, 20, 20], [-20, -20, -10, -10], [-60, 0, -60, 20]])

@@ -132,6 +132,49 @@ def propose_views_batch(target_boxes, objects: Sequence[Mapping], *, top_k: int,
   return out
 
 
+def objects_of_views(views, target_box, objects: Sequence[Mapping], *,
+                     image_size=None) -> np.ndarray:
+  """The detected object each union view was made from (`data.context_crop="object"`).
+
+  `propose_views` stores `union(target, object)`; this finds, for each view, the
+  first object (input order) whose clipped union with the target is that view.
+  Slots that hold the target box itself (too few candidates) stay the target box.
+
+  Args:
+    views: float[n, 4] union views of one target (`select_views` output).
+    target_box: [x1, y1, x2, y2] pixels.
+    objects: the record's detections, as for `propose_views`.
+    image_size: (width, height), as for `propose_views`.
+
+  Returns:
+    float32[n, 4] object boxes, clipped to the image.
+
+  Raises:
+    ValueError: a view that is neither the target nor the union of the target
+      with any of the objects (the objects are not those GOD used).
+  """
+  views = np.asarray(views, np.float32).reshape(-1, 4)
+  target = _clip(_box_array(target_box, "target_box"), image_size).astype(np.float32)
+  if not len(objects):
+    boxes = np.zeros((0, 4), np.float64)
+  else:
+    boxes = np.stack([_box_array(o["bbox"], f"objects[{i}].bbox") for i, o in enumerate(objects)])
+  unions = np.concatenate([np.minimum(target[None, :2], boxes[:, :2]),
+                           np.maximum(target[None, 2:], boxes[:, 2:])], axis=-1)
+  unions = _clip(unions, image_size).astype(np.float32)
+  clipped = _clip(boxes, image_size).astype(np.float32)
+  out = views.copy()
+  for i, view in enumerate(views):
+    if np.allclose(view, target, atol=1e-3):
+      continue
+    hit = np.flatnonzero(np.all(np.abs(unions - view[None]) <= 1e-3, axis=1))
+    if not len(hit):
+      raise ValueError(f"view {i} {view.tolist()} is not the union of the target "
+                       f"{target.tolist()} with any of the {len(boxes)} objects")
+    out[i] = clipped[hit[0]]
+  return out
+
+
 def _hash_bits(pixels: np.ndarray) -> np.ndarray:
   """uint64[N] pHash of float[N, 32, 32] grey images (imagehash's algorithm)."""
   # imagehash: dct(dct(pixels, axis=0), axis=1)[:8, :8]. The second transform runs

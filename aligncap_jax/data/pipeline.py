@@ -336,6 +336,7 @@ class _Featurizer:
   prompt_drop_prob: float
   tag_drop_prob: float
   context_views: bool
+  context_crop: str = "union"
 
   @classmethod
   def from_config(cls, config, assets: Assets, split: str) -> _Featurizer:
@@ -343,17 +344,25 @@ class _Featurizer:
     return cls(assets=assets, split=split, num_views=d.num_views, view_size=d.view_size,
                max_caption_tokens=d.max_caption_tokens, max_prompt_tokens=d.max_prompt_tokens,
                clip_max_tokens=d.clip_max_tokens, prompt_drop_prob=d.prompt_drop_prob,
-               tag_drop_prob=d.tag_drop_prob, context_views=d.context_views)
+               tag_drop_prob=d.tag_drop_prob, context_views=d.context_views,
+               context_crop=d.context_crop)
 
   def image(self, record) -> np.ndarray:
     return transforms.decode_image(record["image"], name=_record_name(record, self.split))
 
-  def views(self, image: np.ndarray, box: np.ndarray, candidates: np.ndarray) -> dict:
+  def views(self, image: np.ndarray, box: np.ndarray, candidates: np.ndarray,
+            objects=None) -> dict:
+    """Crops the target and its context views; `objects` (the record's detections)
+    turn union views into the objects' own boxes with `data.context_crop="object"`."""
     if not self.context_views:  # the no-GOD ablation: every view is the target box
       candidates = np.broadcast_to(box, (self.num_views - 1, 4))
+    outside = self.context_crop == "object"
+    if outside and objects is not None:
+      h, w = image.shape[:2]
+      candidates = god.objects_of_views(candidates, box, objects, image_size=(w, h))
     boxes = np.concatenate([box[None], candidates]).astype(np.float32)
     return {"views": transforms.crop_views(image, boxes, self.view_size),
-            "view_boxes": transforms.box_in_views(box, boxes, self.view_size)}
+            "view_boxes": transforms.box_in_views(box, boxes, self.view_size, outside=outside)}
 
   def text(self, caption: str) -> dict:
     a = self.assets
@@ -391,7 +400,7 @@ class _Featurizer:
       return None
     cands = god.select_views(region["views"], region["view_distance"], self.num_views - 1,
                              train=rng is not None, rng=rng, target_box=box)
-    row = self.views(image, box, cands)
+    row = self.views(image, box, cands, record.get("objects"))
     row.update(self.text(caption))
     row["tag_labels"] = self.tag_labels(region["tag_ids"], record)
     if rng is None:
@@ -654,7 +663,7 @@ class _BoxTarget:
                              score_threshold=self._threshold, image_size=(w, h))
     cands = god.select_views(pool, god.view_distances(image, box, pool), f.num_views - 1,
                              train=False, target_box=box)
-    row = f.views(image, box, cands)
+    row = f.views(image, box, cands, record["objects"])
     for key, n in (("caption", f.max_caption_tokens), ("clip", f.clip_max_tokens),
                    ("prompt", f.max_prompt_tokens)):
       row[f"{key}_tokens"] = np.zeros((n,), np.int32)
@@ -772,7 +781,7 @@ def make_predict_batch(config, assets: Assets, image, boxes, *,
                                image_size=(w, h))
       cands = god.select_views(pool, god.view_distances(image, box, pool),
                                config.data.num_views - 1, train=False, target_box=box)
-    row = feat.views(image, box, cands)
+    row = feat.views(image, box, cands, objects)
     row.update({
         "caption_tokens": np.zeros((config.data.max_caption_tokens,), np.int32),
         "caption_mask": np.zeros((config.data.max_caption_tokens,), np.int32),

@@ -117,13 +117,15 @@ def crop_views(image: np.ndarray, views, size: int) -> np.ndarray:
   return np.stack(out)
 
 
-def box_in_views(box, views, size: int) -> np.ndarray:
+def box_in_views(box, views, size: int, *, outside: bool = False) -> np.ndarray:
   """The box in each view's `size x size` pixels, clipped to the view.
 
   Args:
     box: [x1, y1, x2, y2] image pixels (the target).
     views: float[j, 4] view boxes in image pixels.
     size: S.
+    outside: keep coordinates outside the view (clipped to [-3S, 4S] instead),
+      for views that need not contain the box (`data.context_crop="object"`).
 
   Returns:
     float32[j, 4]: `(box - view_origin) * S / view_extent`, clipped to [0, S].
@@ -134,4 +136,5 @@ def box_in_views(box, views, size: int) -> np.ndarray:
   extent = np.concatenate([views[:, 2:] - views[:, :2]] * 2, axis=1)
   if np.any(extent <= 0):
     raise ValueError(f"view boxes must have positive area, got {views.tolist()}")
-  return np.clip((box[None] - origin) * size / extent, 0.0, size).astype(np.float32)
+  lo, hi = (-3.0 * size, 4.0 * size) if outside else (0.0, size)
+  return np.clip((box[None] - origin) * size / extent, lo, hi).astype(np.float32)
