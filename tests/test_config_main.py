@@ -96,5 +96,9 @@ def test_issue16_departures_are_on_in_the_synthetic_configs_only():
     c = load("synthetic", arg)
     assert c.model.view_box_embedding and c.loss.context_head > 0, arg
     assert c.loss.context_head_select == "weighted"
+    # Object-crop context views: all but `hard`, whose ablation used union views.
+    assert (c.data.context_crop, c.model.candidate_pool) == (
+        ("union", "target_box") if arg == "hard" else ("object", "whole_view")), arg
   for c in (config_lib.base_config(), load("vg_t5xl"), load("refcocog_t5xl")):
     assert not c.model.view_box_embedding and c.loss.context_head == 0
+    assert c.data.context_crop == "union" and c.model.candidate_pool == "target_box"
