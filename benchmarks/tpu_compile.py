@@ -24,6 +24,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from aligncap_jax.sharding import TPU_WINDOWED_EINSUM_OFF as NO_WE  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # name -> (compiler_options, jax config updates)
 VARIANTS: dict[str, tuple[dict, dict]] = {
@@ -31,17 +33,14 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     # The fsdp all-gather / reduce-scatter matmuls as plain collectives plus one
     # matmul instead of windowed-einsum loops (a loop of partial matmuls that
     # overlaps the collective with compute).
-    "no_windowed_einsum": ({"xla_tpu_enable_windowed_einsum_for_all_gather": False,
-                            "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}, {}),
+    "no_windowed_einsum": (NO_WE, {}),
     # XLA's effort levels (openxla.org/xla/effort_levels): less search for speed.
     "effort_low": ({}, {"jax_exec_time_optimization_effort": -1.0}),
     "opt_level_o1": ({}, {"jax_optimization_level": "O1"}),
-    "o1_no_windowed_einsum": ({"xla_tpu_enable_windowed_einsum_for_all_gather": False,
-                               "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False},
+    "o1_no_windowed_einsum": (NO_WE,
                               {"jax_optimization_level": "O1"}),
     "effort_low_no_windowed_einsum": (
-        {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
-         "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False},
+        NO_WE,
         {"jax_exec_time_optimization_effort": -1.0}),
 }
 

@@ -43,6 +43,13 @@ def _clip(box: np.ndarray, image_size) -> np.ndarray:
   return np.clip(box, 0.0, [width, height, width, height])
 
 
+def _unions(targets: np.ndarray, boxes: np.ndarray, image_size) -> np.ndarray:
+  """float32[R, K, 4]: `union(target r, box k)`, clipped to the image."""
+  unions = np.concatenate([np.minimum(targets[:, None, :2], boxes[None, :, :2]),
+                           np.maximum(targets[:, None, 2:], boxes[None, :, 2:])], axis=-1)
+  return _clip(unions, image_size).astype(np.float32)
+
+
 def rank_classes(objects: Sequence[Mapping], *, score_threshold: float = 0.0) -> list[str]:
   """Class names of the objects scoring >= threshold, best first.
 
@@ -118,9 +125,7 @@ def propose_views_batch(target_boxes, objects: Sequence[Mapping], *, top_k: int,
   if not chosen:
     return [np.zeros((0, 4), np.float32) for _ in targets]
   boxes = np.stack([box for _, _, box in chosen])                       # float64[K, 4]
-  unions = np.concatenate([np.minimum(targets[:, None, :2], boxes[None, :, :2]),
-                           np.maximum(targets[:, None, 2:], boxes[None, :, 2:])], axis=-1)
-  unions = _clip(unions, image_size).astype(np.float32)                 # [R, K, 4]
+  unions = _unions(targets, boxes, image_size)                          # [R, K, 4]
   out = []
   for target, cands in zip(targets.tolist(), unions):
     seen, keep = {tuple(target)}, []
@@ -159,9 +164,7 @@ def objects_of_views(views, target_box, objects: Sequence[Mapping], *,
     boxes = np.zeros((0, 4), np.float64)
   else:
     boxes = np.stack([_box_array(o["bbox"], f"objects[{i}].bbox") for i, o in enumerate(objects)])
-  unions = np.concatenate([np.minimum(target[None, :2], boxes[:, :2]),
-                           np.maximum(target[None, 2:], boxes[:, 2:])], axis=-1)
-  unions = _clip(unions, image_size).astype(np.float32)
+  unions = _unions(target[None], boxes, image_size)[0]
   clipped = _clip(boxes, image_size).astype(np.float32)
   out = views.copy()
   for i, view in enumerate(views):
