@@ -37,6 +37,16 @@ def base_config() -> ml_collections.ConfigDict:
       # so a neighbour fills its view; the target's place relative to it is the view
       # box outside the view. Needs model.candidate_pool="whole_view".
       context_crop="union",
+      # Departure (option): "nearest" puts the selected context views in the order of
+      # their object's centre distance to the target's, nearest first (filler slots
+      # last), so a slot says how near its object is; "god" keeps GOD's order
+      # (random in training, by pHash distance at inference), the paper's.
+      context_order="god",
+      # Departure (option): > 0 drops, before selection, the context views whose
+      # detected object overlaps the target box with IoU >= this (the detector's own
+      # box of the target, a few pixels off, which GOD's "union equals the target"
+      # rule keeps); 0 keeps them, the paper's rule.
+      context_drop_iou=0.0,
       max_caption_tokens=32,
       max_prompt_tokens=32,
       clip_max_tokens=77,
@@ -291,6 +301,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"must be 'union' or 'object', got {d.context_crop!r}")
   need(d.context_crop != "object" or m.candidate_pool == "whole_view", "data.context_crop",
        "'object' views do not contain the target box; set model.candidate_pool='whole_view'")
+  need(0.0 <= d.context_drop_iou <= 1.0, "data.context_drop_iou",
+       f"must be in [0, 1] (0 = off), got {d.context_drop_iou}")
+  need(d.context_order in ("god", "nearest"), "data.context_order",
+       f"must be 'god' or 'nearest', got {d.context_order!r}")
   need(m.context_tokens >= 0, "model.context_tokens",
        f"must be >= 0 (0 = off), got {m.context_tokens}")
   need(m.cross_view.value_from in ("candidate", "target"), "model.cross_view.value_from",

@@ -7,8 +7,11 @@
 Rows (same seeds, steps and data; `--config.x=y` overrides of the config's defaults):
 
   full           the config as it is (the paper's defaults, plus the departures a
-                 synthetic config turns on: view-box embedding, context head)
-  paper          model.view_box_embedding=False loss.context_head=0.0 (the paper's path)
+                 synthetic config turns on: view-box embedding, context head, and in
+                 configs/synthetic.py object crops, nearest-first order, no self-detection)
+  paper          model.view_box_embedding=False loss.context_head=0.0
+                 data.context_crop=union model.candidate_pool=target_box
+                 data.context_order=god data.context_drop_iou=0.0 (the paper's path)
   no_god         data.context_views=False: every view slot holds the target box
   no_cond        loss.gamma=0                       (no L_cond)
   no_multi       loss.lambda_=0                     (no L_multi)
@@ -70,11 +73,17 @@ class Row:
   eval_only: bool = False   # decodes full's checkpoint of the same seed
 
 
+# The paper's path: every departure a synthetic config may turn on, off.
+PAPER_PATH = ("model.view_box_embedding=False", "loss.context_head=0.0",
+              "data.context_crop=union", "model.candidate_pool=target_box",
+              "data.context_order=god", "data.context_drop_iou=0.0")
+
+
 def rows(vcd_alpha: float) -> tuple[Row, ...]:
   """The ablation's rows, in table order."""
   return (
       Row("full", (), "reference: the paper's full model"),
-      Row("paper", ("model.view_box_embedding=False", "loss.context_head=0.0"),
+      Row("paper", PAPER_PATH,
           "the paper's path: without the synthetic config's departures (issue 16)"),
       Row("no_god", ("data.context_views=False",),
           "full > row: GOD's context views give the spatial context"),

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
   c = base.base_config()
   c.data.name = "synthetic_regions"
   c.data.view_size = 64
-  c.data.num_views = 3
+  c.data.num_views = 3             # 4 below, with the session-10 departures
   c.data.max_caption_tokens = 16
   c.data.max_prompt_tokens = 16
   c.data.clip_max_tokens = 77
@@ -98,6 +98,16 @@ def get_config(arg: str | None = None):
   # +- 0.01 over seeds 0-2 against 0.40 +- 0.11 with union views.
   c.data.context_crop = "object"
   m.candidate_pool = "whole_view"
+  # Fourth and fifth (session 10): GOD's pool held the detector's own box of the
+  # target (a few pixels off, so its union is not the target and GOD keeps it): an
+  # object crop of it is the target again, and the self-detection took a training
+  # slot from the neighbour. Dropped (IoU >= 0.5 with the target); the context views
+  # go nearest object first, so slot 1 is the nearest object the views show, and 3
+  # context slots hold every stored candidate of 90% of the test targets. Relation
+  # 0.78 and neighbour 0.68 at seed 0 (0.72 / 0.10 without the drop, 3 views).
+  c.data.context_drop_iou = 0.5
+  c.data.context_order = "nearest"
+  c.data.num_views = 4
 
   c.optim.learning_rate = 1e-3
   c.optim.weight_decay = 0.05
@@ -115,6 +125,9 @@ def get_config(arg: str | None = None):
     # The committed ablation (README "Ablation") was measured with union views.
     c.data.context_crop = "union"
     m.candidate_pool = "target_box"
+    c.data.context_drop_iou = 0.0
+    c.data.context_order = "god"
+    c.data.num_views = 3
   elif arg == "dot":
     m.similarity = "dot"
   elif arg == "smoke":

@@ -182,3 +182,45 @@ def test_objects_of_views_recovers_each_union_views_object():
                              [[30, 12, 40, 18], target, target])
   with pytest.raises(ValueError, match="view 0 .* not the union of the target"):
     god.objects_of_views([[0, 0, 60, 60]], target, objects, image_size=(64, 64))
+
+
+def test_nearest_first_orders_by_centre_distance_fillers_last():
+  target = [10, 10, 20, 20]                       # centre (15, 15)
+  boxes = [[40, 10, 50, 20],                      # d^2 = 900
+           target,                                # filler
+           [10, 22, 20, 32],                      # d^2 = 144
+           [0, 0, 10, 10],                        # d^2 = 200
+           [-5, 10, 5, 20]]                       # d^2 = 225
+  np.testing.assert_array_equal(god.nearest_first(target, boxes), [2, 3, 4, 0, 1])
+  # Ties keep slot order; no boxes is an empty order.
+  np.testing.assert_array_equal(god.nearest_first(target, [[0, 10, 10, 20], [20, 10, 30, 20]]),
+                                [0, 1])
+  assert god.nearest_first(target, np.zeros((0, 4))).shape == (0,)
+
+
+def test_box_iou_by_hand():
+  np.testing.assert_allclose(god.box_iou([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30],
+                                          [0, 0, 0, 10]], [0, 0, 10, 10]),
+                             [1.0, 50 / 150, 0.0, 0.0])
+
+
+def test_drop_target_detections_drops_the_targets_own_detection():
+  target = [10, 10, 20, 20]
+  objects = [{"label": "cup", "bbox": [11, 10, 21, 21], "score": 0.9},   # the target, noisy
+             {"label": "cup", "bbox": [30, 12, 40, 18], "score": 0.8},
+             {"label": "cup", "bbox": [14, 10, 24, 20], "score": 0.7}]   # IoU 6/14 = 0.43
+  views = god.propose_views(target, objects, top_k=1, image_size=(64, 64))
+  assert len(views) == 3              # GOD keeps all three (no union equals the target)
+  dist = np.asarray([5, 9, 7])
+  kept, kd = god.drop_target_detections(views, dist, target, objects, iou=0.5,
+                                        image_size=(64, 64))
+  np.testing.assert_allclose(kept, views[1:])
+  np.testing.assert_array_equal(kd, [9, 7])
+  kept, kd = god.drop_target_detections(views, dist, target, objects, iou=0.4,
+                                        image_size=(64, 64))
+  np.testing.assert_allclose(kept, views[1:2])
+  # 0 keeps everything (the paper's rule), as does an empty pool.
+  kept, kd = god.drop_target_detections(views, dist, target, objects, iou=0.0)
+  np.testing.assert_allclose(kept, views)
+  kept, kd = god.drop_target_detections(np.zeros((0, 4)), [], target, objects, iou=0.5)
+  assert kept.shape == (0, 4) and kd.shape == (0,)

@@ -413,6 +413,11 @@ def test_object_context_crop_views_are_the_detected_objects(prepared):
   obj.model.candidate_pool = "whole_view"
   union_b = next(pipeline.make_eval_iterator(config, assets, "test", batch_size=4))
   obj_b = next(pipeline.make_eval_iterator(obj, assets, "test", batch_size=4))
+  near = _config(config.data.data_dir)   # the same views, nearest object first
+  near.data.context_crop = "object"
+  near.model.candidate_pool = "whole_view"
+  near.data.context_order = "nearest"
+  near_b = next(pipeline.make_eval_iterator(near, assets, "test", batch_size=4))
   np.testing.assert_array_equal(obj_b["views"][:, 0], union_b["views"][:, 0])
   np.testing.assert_array_equal(obj_b["view_boxes"][:, 0], union_b["view_boxes"][:, 0])
   source = pipeline._source(config, "test")
@@ -434,9 +439,57 @@ def test_object_context_crop_views_are_the_detected_objects(prepared):
       if not np.allclose(u, box):  # a context view: the object, not the union
         assert any(np.allclose(o, np.clip(x["bbox"], 0, [w, h, w, h])) for x in rec["objects"])
         changed += int(not np.allclose(o, u))
+    order = god.nearest_first(box, want)
+    d = np.sum(((want[:, :2] + want[:, 2:]) / 2 - (box[:2] + box[2:]) / 2) ** 2, axis=1)
+    real = ~np.all(np.isclose(want, box[None]), axis=1)
+    assert np.all(np.diff(d[order][real[order]]) >= 0) and np.all(real[order][:real.sum()])
+    near_boxes = np.concatenate([box[None], want[order]])
+    np.testing.assert_array_equal(near_b["views"][row], transforms.crop_views(image, near_boxes, S))
+    np.testing.assert_allclose(near_b["view_boxes"][row],
+                               transforms.box_in_views(box, near_boxes, S, outside=True))
   assert changed > 0  # some context view became an object box smaller than its union
   bad = _config(config.data.data_dir)
   bad.data.context_crop = "object"
   with pytest.raises(ValueError, match="data.context_crop.*candidate_pool"):
     from aligncap_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     config_lib.validate(bad)
+
+
+def test_context_drop_iou_removes_the_targets_own_detection(prepared):
+  """IoU is kept by the crop's axis-aligned scaling: a context view's box of the
+  target (outside=True frame) overlaps [0, S]^2 as the target overlaps the object."""
+  from aligncap_jax.data import context_reach  # pylint: disable=g-import-not-at-top
+  config, assets = prepared
+
+  def self_views(cfg):
+    n = 0
+    batches = [next(pipeline.make_train_iterator(cfg, assets, global_batch_size=16))]
+    batches += list(pipeline.make_eval_iterator(cfg, assets, "train", batch_size=16))
+    for b in batches:
+      for i in np.flatnonzero(b["valid"]):
+        for k in range(1, cfg.data.num_views):
+          if np.array_equal(b["views"][i, k], b["views"][i, 0]):
+            continue  # a filler slot: the target box itself
+          n += god.box_iou(b["view_boxes"][i, k][None], [0, 0, S, S])[0] >= 0.5
+    return n
+
+  obj = _config(config.data.data_dir)
+  obj.data.context_crop = "object"
+  obj.model.candidate_pool = "whole_view"
+  obj.data.num_views = 4
+  assert self_views(obj) > 0        # the detector's box of the target is a view
+  obj.data.context_drop_iou = 0.5
+  assert self_views(obj) == 0
+  reach = context_reach.context_reach(obj, "train")
+  assert 0 < reach["context_in_eval_views"] <= reach["context_in_any_view"] <= 1
+  obj.data.num_views = 64
+  wide = context_reach.context_reach(obj, "train")
+  assert wide["context_in_eval_views"] == wide["context_in_any_view"]
+  from aligncap_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  obj.data.context_drop_iou = 1.5
+  with pytest.raises(ValueError, match="data.context_drop_iou"):
+    config_lib.validate(obj)
+  obj.data.context_drop_iou = 0.5
+  obj.data.context_order = "far"
+  with pytest.raises(ValueError, match="data.context_order"):
+    config_lib.validate(obj)

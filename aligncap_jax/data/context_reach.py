@@ -48,11 +48,16 @@ def context_reach(config, split: str, max_examples: int = 0) -> dict[str, float]
   """{"context_in_eval_views", "context_in_any_view"}: fractions of the targets.
 
   `context_in_eval_views`: the neighbour lies inside one of the j-1 views eval
-  selects (greatest pHash distance); `context_in_any_view`: inside some stored
-  candidate view (the simulated detector's misses bound this one).
+  selects (greatest pHash distance, after `data.context_drop_iou`'s filter);
+  `context_in_any_view`: inside some stored candidate view (the simulated
+  detector's misses bound this one). With `data.context_crop="object"` a view
+  shows the neighbour when its object is a detection of it (IoU >= 0.5).
   """
   source = pipeline._source(config, split)  # pylint: disable=protected-access
   rows = pipeline._eval_target_rows(config, split, max_examples)  # pylint: disable=protected-access
+  # The views eval gives each target: data.context_drop_iou's filter, then selection.
+  feat = pipeline._Featurizer.from_config(config, None, split)  # pylint: disable=protected-access
+  objects_crop = config.data.context_crop == "object"
   in_eval = in_any = 0
   for t in rows:
     record = source[t["_record"]]
@@ -65,9 +70,19 @@ def context_reach(config, split: str, max_examples: int = 0) -> dict[str, float]
     region = regions[t["_region"]]
     box = transforms.clip_box(region["bbox"], w, h)
     pool = np.asarray(region["views"], np.float32).reshape(-1, 4)
-    chosen = god.select_views(pool, region["view_distance"], config.data.num_views - 1,
-                              train=False, target_box=box)
-    in_eval += any(_inside(neighbour, v) for v in chosen)
-    in_any += any(_inside(neighbour, v) for v in pool)
+    objects = record.get("objects")
+    chosen = feat.select(box, pool, region["view_distance"], objects, (w, h))
+    if feat.context_drop_iou > 0 and objects is not None:
+      pool, _ = god.drop_target_detections(pool, region["view_distance"], box, objects,
+                                           iou=feat.context_drop_iou, image_size=(w, h))
+    if objects_crop and objects is not None:
+      # Object crops show the objects themselves: the neighbour is shown by a view
+      # whose object is a detection of it (IoU >= 0.5), not by a union containing it.
+      shows = lambda views: bool(len(views)) and bool(np.any(god.box_iou(
+          god.objects_of_views(views, box, objects, image_size=(w, h)), neighbour) >= 0.5))
+    else:
+      shows = lambda views: any(_inside(neighbour, v) for v in views)
+    in_eval += shows(chosen)
+    in_any += shows(pool)
   n = max(len(rows), 1)
   return {"context_in_eval_views": in_eval / n, "context_in_any_view": in_any / n}

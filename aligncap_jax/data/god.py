@@ -178,6 +178,58 @@ def objects_of_views(views, target_box, objects: Sequence[Mapping], *,
   return out
 
 
+def box_iou(boxes, box) -> np.ndarray:
+  """Intersection over union (continuous pixels) of each of `boxes` float[n, 4]
+  with `box` [x1, y1, x2, y2]: float64[n]."""
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  b = _box_array(box, "box").astype(np.float64)
+  iw = np.clip(np.minimum(boxes[:, 2], b[2]) - np.maximum(boxes[:, 0], b[0]), 0, None)
+  ih = np.clip(np.minimum(boxes[:, 3], b[3]) - np.maximum(boxes[:, 1], b[1]), 0, None)
+  inter = iw * ih
+  area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
+  union = area(boxes) + area(b) - inter
+  return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def drop_target_detections(views, distances, target_box, objects: Sequence[Mapping], *,
+                           iou: float, image_size=None):
+  """Drops the candidate views made from a detection of the target itself.
+
+  GOD drops a candidate only when its union equals the target box; a detector's
+  box of the target object, a few pixels off, survives as a view of the target
+  alone (`data.context_drop_iou`, a departure). A view goes when its object
+  (`objects_of_views`) overlaps the target with IoU >= `iou`; `iou` <= 0 keeps all.
+
+  Returns:
+    (views float32[V', 4], distances[V']): the kept candidates, in input order.
+  """
+  views = np.asarray(views, np.float32).reshape(-1, 4)
+  distances = np.asarray(distances).reshape(-1)
+  if iou <= 0 or not len(views):
+    return views, distances
+  found = objects_of_views(views, target_box, objects, image_size=image_size)
+  keep = box_iou(found, _clip(_box_array(target_box, "target_box"), image_size)) < iou
+  return views[keep], distances[keep]
+
+
+def nearest_first(target_box, boxes) -> np.ndarray:
+  """The order (int[n]) that sorts context boxes by the squared distance between
+  their centre and the target's, nearest first (`data.context_order="nearest"`);
+  slots holding the target box itself (fillers) go last; ties keep slot order.
+
+  Args:
+    target_box: [x1, y1, x2, y2] pixels.
+    boxes: float[n, 4] the detected objects of the selected views (or the views
+      themselves where the objects are unknown).
+  """
+  target = _box_array(target_box, "target_box").astype(np.float64)
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  centre = lambda b: np.stack([b[..., 0] + b[..., 2], b[..., 1] + b[..., 3]], -1) / 2
+  d = np.sum((centre(boxes) - centre(target)[None]) ** 2, axis=-1)
+  filler = np.all(np.abs(boxes - target[None]) <= 1e-3, axis=1)
+  return np.lexsort((d, filler)).astype(np.int32)
+
+
 def _hash_bits(pixels: np.ndarray) -> np.ndarray:
   """uint64[N] pHash of float[N, 32, 32] grey images (imagehash's algorithm)."""
   # imagehash: dct(dct(pixels, axis=0), axis=1)[:8, :8]. The second transform runs

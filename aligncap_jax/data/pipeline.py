@@ -337,6 +337,8 @@ class _Featurizer:
   tag_drop_prob: float
   context_views: bool
   context_crop: str = "union"
+  context_order: str = "god"
+  context_drop_iou: float = 0.0
 
   @classmethod
   def from_config(cls, config, assets: Assets, split: str) -> _Featurizer:
@@ -345,10 +347,22 @@ class _Featurizer:
                max_caption_tokens=d.max_caption_tokens, max_prompt_tokens=d.max_prompt_tokens,
                clip_max_tokens=d.clip_max_tokens, prompt_drop_prob=d.prompt_drop_prob,
                tag_drop_prob=d.tag_drop_prob, context_views=d.context_views,
-               context_crop=d.context_crop)
+               context_crop=d.context_crop, context_order=d.context_order,
+               context_drop_iou=d.context_drop_iou)
 
   def image(self, record) -> np.ndarray:
     return transforms.decode_image(record["image"], name=_record_name(record, self.split))
+
+  def select(self, box: np.ndarray, pool, distances, objects, image_size, *,
+             rng: np.random.Generator | None = None) -> np.ndarray:
+    """The j-1 context views of a target from its GOD candidates (`god.select_views`;
+    `rng` given = training), after `data.context_drop_iou`'s filter: float32[j-1, 4]."""
+    if self.context_drop_iou > 0 and objects is not None:
+      pool, distances = god.drop_target_detections(pool, distances, box, objects,
+                                                   iou=self.context_drop_iou,
+                                                   image_size=image_size)
+    return god.select_views(pool, distances, self.num_views - 1, train=rng is not None,
+                            rng=rng, target_box=box)
 
   def views(self, image: np.ndarray, box: np.ndarray, candidates: np.ndarray,
             objects=None) -> dict:
@@ -357,9 +371,16 @@ class _Featurizer:
     if not self.context_views:  # the no-GOD ablation: every view is the target box
       candidates = np.broadcast_to(box, (self.num_views - 1, 4))
     outside = self.context_crop == "object"
-    if outside and objects is not None:
-      h, w = image.shape[:2]
-      candidates = god.objects_of_views(candidates, box, objects, image_size=(w, h))
+    h, w = image.shape[:2]
+    found = None
+    if objects is not None and (outside or self.context_order == "nearest"):
+      found = god.objects_of_views(candidates, box, objects, image_size=(w, h))
+    if self.context_order == "nearest":
+      order = god.nearest_first(box, candidates if found is None else found)
+      candidates = np.asarray(candidates)[order]
+      found = None if found is None else found[order]
+    if outside and found is not None:
+      candidates = found
     boxes = np.concatenate([box[None], candidates]).astype(np.float32)
     return {"views": transforms.crop_views(image, boxes, self.view_size),
             "view_boxes": transforms.box_in_views(box, boxes, self.view_size, outside=outside)}
@@ -398,8 +419,8 @@ class _Featurizer:
       _count("boxes without area skipped", f"{_record_name(record, self.split)} "
              f"region {int(region['id'])}")
       return None
-    cands = god.select_views(region["views"], region["view_distance"], self.num_views - 1,
-                             train=rng is not None, rng=rng, target_box=box)
+    cands = self.select(box, region["views"], region["view_distance"], record.get("objects"),
+                        (w, h), rng=rng)
     row = self.views(image, box, cands, record.get("objects"))
     row.update(self.text(caption))
     row["tag_labels"] = self.tag_labels(region["tag_ids"], record)
@@ -661,8 +682,7 @@ class _BoxTarget:
     box = np.asarray(target["bbox"], np.float32)
     pool = god.propose_views(box, record["objects"], top_k=self._top_k,
                              score_threshold=self._threshold, image_size=(w, h))
-    cands = god.select_views(pool, god.view_distances(image, box, pool), f.num_views - 1,
-                             train=False, target_box=box)
+    cands = f.select(box, pool, god.view_distances(image, box, pool), record["objects"], (w, h))
     row = f.views(image, box, cands, record["objects"])
     for key, n in (("caption", f.max_caption_tokens), ("clip", f.clip_max_tokens),
                    ("prompt", f.max_prompt_tokens)):
@@ -779,8 +799,7 @@ def make_predict_batch(config, assets: Assets, image, boxes, *,
       pool = god.propose_views(box, objects, top_k=config.data.god_top_k,
                                score_threshold=config.data.god_score_threshold,
                                image_size=(w, h))
-      cands = god.select_views(pool, god.view_distances(image, box, pool),
-                               config.data.num_views - 1, train=False, target_box=box)
+      cands = feat.select(box, pool, god.view_distances(image, box, pool), objects, (w, h))
     row = feat.views(image, box, cands, objects)
     row.update({
         "caption_tokens": np.zeros((config.data.max_caption_tokens,), np.int32),
