@@ -131,6 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
       # (`view_boxes[:, v]` / view size: corners, centre, extent), so the fused
       # tokens say where the target sits in each context view.
       view_box_embedding=False,
+      # h > 0: that embedding is an MLP (Dense h -> GELU -> zero-init Dense), so the
+      # box's place is read nonlinearly (which side of the target an object lies
+      # on is the sign of the larger of |dx|, |dy|); 0 = the linear map.
+      view_box_hidden=0,
       # Departure (DESIGN.md section 10, issue 16): c > 0 appends to every view's
       # tokens c x c more, RoI-pooled over the whole view (the target box alone is
       # pooled into the usual r x r), each plus a learned vector (zero-init) times
@@ -305,6 +309,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"must be in [0, 1] (0 = off), got {d.context_drop_iou}")
   need(d.context_order in ("god", "nearest"), "data.context_order",
        f"must be 'god' or 'nearest', got {d.context_order!r}")
+  need(m.view_box_hidden >= 0, "model.view_box_hidden",
+       f"must be >= 0 (0 = a linear map), got {m.view_box_hidden}")
   need(m.context_tokens >= 0, "model.context_tokens",
        f"must be >= 0 (0 = off), got {m.context_tokens}")
   need(m.cross_view.value_from in ("candidate", "target"), "model.cross_view.value_from",

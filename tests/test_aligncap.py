@@ -380,3 +380,34 @@ def test_context_head_is_off_by_default():
       lambda k: model.init({"params": k, "dropout": k}, make_batch(c),
                            jnp.zeros((V, c.model.clip_text.hidden_size))), jax.random.key(0))
   assert "context_head" not in shapes["params"]
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_view_box_embedding_adds_the_formula_to_every_token_of_its_view(hidden):
+  """model.view_box_embedding: view v's tokens + proj(geometry of view_boxes[:, v]),
+  geometry (corners, centre, extent) / S; with model.view_box_hidden = h > 0 the
+  map is Dense(h) -> exact GELU -> Dense."""
+  c = tiny_config(pairwise_form="dense", view_box_embedding=True, view_box_hidden=hidden)
+  batch = make_batch(c)
+  model, params, _ = init(c, batch)
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(lambda x: x, params)
+  w = params["view_box_proj"]["kernel"]
+  params["view_box_proj"]["kernel"] = jnp.asarray(rng.normal(size=w.shape), w.dtype)
+  params["view_box_proj"]["bias"] = jnp.asarray(rng.normal(size=w.shape[-1:]), w.dtype)
+  got = model.apply({"params": params}, batch, method=aligncap.AlignCap.view_tokens)
+  off_c = tiny_config(pairwise_form="dense")
+  off = aligncap.build_model(off_c, V)
+  off_params = {k: v for k, v in params.items() if not k.startswith("view_box_")}
+  base_tokens = off.apply({"params": off_params}, batch, method=aligncap.AlignCap.view_tokens)
+  b = np.asarray(batch["view_boxes"], np.float64) / c.data.view_size
+  geo = np.concatenate([b, (b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], -1)
+  if hidden:
+    h = params["view_box_hidden"]
+    x = geo @ np.asarray(h["kernel"], np.float64) + np.asarray(h["bias"], np.float64)
+    geo = np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=False), np.float64)
+  emb = geo @ np.asarray(params["view_box_proj"]["kernel"], np.float64) + np.asarray(
+      params["view_box_proj"]["bias"], np.float64)
+  want = np.asarray(base_tokens, np.float64) + emb[:, :, None]
+  # float32 sums of a few terms of magnitude ~10: a few ulp of the largest.
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)

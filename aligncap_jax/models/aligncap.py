@@ -82,6 +82,9 @@ class AlignCap(nn.Module):
       self.target_embedding = self.param(
           "target_embedding", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
           (m.vision.hidden_size,), pdt)
+    if m.view_box_embedding and m.view_box_hidden > 0:
+      self.view_box_hidden = layers.dense(m.view_box_hidden, (None, "mlp"), "view_box_hidden",
+                                          dt, pdt)
     if m.view_box_embedding:
       self.view_box_proj = nn.Dense(
           m.vision.hidden_size, dtype=dt, param_dtype=pdt, name="view_box_proj",
@@ -186,8 +189,10 @@ class AlignCap(nn.Module):
     length, c = per_view.shape[1], per_view.shape[2]
     per_view = per_view.reshape((b, j, length, c))
     if m.view_box_embedding:
-      per_view = per_view + self.view_box_proj(
-          ops.box_geometry(batch["view_boxes"].astype(jnp.float32), float(s)))[:, :, None]
+      geometry = ops.box_geometry(batch["view_boxes"].astype(jnp.float32), float(s))
+      if m.view_box_hidden > 0:
+        geometry = nn.gelu(self.view_box_hidden(geometry), approximate=False)
+      per_view = per_view + self.view_box_proj(geometry)[:, :, None]
     return per_view
 
   def _region_latents(self, batch, deterministic: bool):
