@@ -198,12 +198,6 @@ def test_nearest_first_orders_by_centre_distance_fillers_last():
   assert god.nearest_first(target, np.zeros((0, 4))).shape == (0,)
 
 
-def test_box_iou_by_hand():
-  np.testing.assert_allclose(god.box_iou([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30],
-                                          [0, 0, 0, 10]], [0, 0, 10, 10]),
-                             [1.0, 50 / 150, 0.0, 0.0])
-
-
 def test_drop_target_detections_drops_the_targets_own_detection():
   target = [10, 10, 20, 20]
   objects = [{"label": "cup", "bbox": [11, 10, 21, 21], "score": 0.9},   # the target, noisy

@@ -15,6 +15,7 @@ from aligncap_jax.data import god
 from aligncap_jax.data import pipeline
 from aligncap_jax.data import synthetic_hard
 from aligncap_jax.data import transforms
+from aligncap_jax.metrics import densecap
 
 # Region boxes carry +-1 px of jitter around the drawn shape (data/synthetic.py).
 _SLACK_PX = 2.0
@@ -69,17 +70,16 @@ def context_reach(config, split: str, max_examples: int = 0) -> dict[str, float]
     neighbour = _neighbour_box(config.data.name, boxes, t["_region"])
     region = regions[t["_region"]]
     box = transforms.clip_box(region["bbox"], w, h)
-    pool = np.asarray(region["views"], np.float32).reshape(-1, 4)
     objects = record.get("objects")
-    chosen = feat.select(box, pool, region["view_distance"], objects, (w, h))
-    if feat.context_drop_iou > 0 and objects is not None:
-      pool, _ = god.drop_target_detections(pool, region["view_distance"], box, objects,
-                                           iou=feat.context_drop_iou, image_size=(w, h))
+    pool, distances = feat.context_pool(box, region["views"], region["view_distance"],
+                                        objects, (w, h))
+    chosen = god.select_views(pool, distances, feat.num_views - 1, train=False, target_box=box)
     if objects_crop and objects is not None:
       # Object crops show the objects themselves: the neighbour is shown by a view
       # whose object is a detection of it (IoU >= 0.5), not by a union containing it.
-      shows = lambda views: bool(len(views)) and bool(np.any(god.box_iou(
-          god.objects_of_views(views, box, objects, image_size=(w, h)), neighbour) >= 0.5))
+      shows = lambda views: bool(np.any(densecap.pairwise_iou(
+          god.objects_of_views(views, box, objects, image_size=(w, h)), neighbour[None],
+          "continuous") >= 0.5))
     else:
       shows = lambda views: any(_inside(neighbour, v) for v in views)
     in_eval += shows(chosen)

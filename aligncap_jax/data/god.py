@@ -25,6 +25,8 @@ import numpy as np
 import scipy.fftpack
 from PIL import Image
 
+from aligncap_jax.metrics import densecap
+
 _HASH_SIZE = 8
 _HASH_IMAGE_SIZE = 32  # hash_size * highfreq_factor, as imagehash.phash
 
@@ -178,19 +180,6 @@ def objects_of_views(views, target_box, objects: Sequence[Mapping], *,
   return out
 
 
-def box_iou(boxes, box) -> np.ndarray:
-  """Intersection over union (continuous pixels) of each of `boxes` float[n, 4]
-  with `box` [x1, y1, x2, y2]: float64[n]."""
-  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-  b = _box_array(box, "box").astype(np.float64)
-  iw = np.clip(np.minimum(boxes[:, 2], b[2]) - np.maximum(boxes[:, 0], b[0]), 0, None)
-  ih = np.clip(np.minimum(boxes[:, 3], b[3]) - np.maximum(boxes[:, 1], b[1]), 0, None)
-  inter = iw * ih
-  area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
-  union = area(boxes) + area(b) - inter
-  return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
 def drop_target_detections(views, distances, target_box, objects: Sequence[Mapping], *,
                            iou: float, image_size=None):
   """Drops the candidate views made from a detection of the target itself.
@@ -208,7 +197,8 @@ def drop_target_detections(views, distances, target_box, objects: Sequence[Mappi
   if iou <= 0 or not len(views):
     return views, distances
   found = objects_of_views(views, target_box, objects, image_size=image_size)
-  keep = box_iou(found, _clip(_box_array(target_box, "target_box"), image_size)) < iou
+  target = _clip(_box_array(target_box, "target_box"), image_size)
+  keep = densecap.pairwise_iou(found, target[None], "continuous")[:, 0] < iou
   return views[keep], distances[keep]
 
 

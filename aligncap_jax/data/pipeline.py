@@ -353,14 +353,19 @@ class _Featurizer:
   def image(self, record) -> np.ndarray:
     return transforms.decode_image(record["image"], name=_record_name(record, self.split))
 
+  def context_pool(self, box: np.ndarray, pool, distances, objects, image_size):
+    """A target's GOD candidates after `data.context_drop_iou`'s filter:
+    (views float32[V', 4], distances[V'])."""
+    if self.context_drop_iou > 0 and objects is not None:
+      return god.drop_target_detections(pool, distances, box, objects,
+                                        iou=self.context_drop_iou, image_size=image_size)
+    return np.asarray(pool, np.float32).reshape(-1, 4), np.asarray(distances).reshape(-1)
+
   def select(self, box: np.ndarray, pool, distances, objects, image_size, *,
              rng: np.random.Generator | None = None) -> np.ndarray:
     """The j-1 context views of a target from its GOD candidates (`god.select_views`;
-    `rng` given = training), after `data.context_drop_iou`'s filter: float32[j-1, 4]."""
-    if self.context_drop_iou > 0 and objects is not None:
-      pool, distances = god.drop_target_detections(pool, distances, box, objects,
-                                                   iou=self.context_drop_iou,
-                                                   image_size=image_size)
+    `rng` given = training), after `context_pool`'s filter: float32[j-1, 4]."""
+    pool, distances = self.context_pool(box, pool, distances, objects, image_size)
     return god.select_views(pool, distances, self.num_views - 1, train=rng is not None,
                             rng=rng, target_box=box)
 
@@ -372,14 +377,15 @@ class _Featurizer:
       candidates = np.broadcast_to(box, (self.num_views - 1, 4))
     outside = self.context_crop == "object"
     h, w = image.shape[:2]
-    found = None
+    candidates = np.asarray(candidates, np.float32)
+    # Each slot's object (the view itself where the detections are unknown).
+    found = candidates
     if objects is not None and (outside or self.context_order == "nearest"):
       found = god.objects_of_views(candidates, box, objects, image_size=(w, h))
     if self.context_order == "nearest":
-      order = god.nearest_first(box, candidates if found is None else found)
-      candidates = np.asarray(candidates)[order]
-      found = None if found is None else found[order]
-    if outside and found is not None:
+      order = god.nearest_first(box, found)
+      candidates, found = candidates[order], found[order]
+    if outside and objects is not None:
       candidates = found
     boxes = np.concatenate([box[None], candidates]).astype(np.float32)
     return {"views": transforms.crop_views(image, boxes, self.view_size),
