@@ -291,36 +291,59 @@ class Evaluator:
     logging.info("wrote %s/{metrics,predictions}.json and examples.png", out_dir)
 
 
+def view_strip(views: np.ndarray, boxes: np.ndarray, gap: int = 4
+               ) -> tuple[np.ndarray, list[tuple[float, float, float, float] | None]]:
+  """Every view of one region side by side, and the target box in each.
+
+  Returns the strip (uint8 [S, V*S + (V-1)*gap, 3], white gaps) and, per view,
+  the target box clipped to that view and shifted to the strip's frame (None
+  where the target lies outside the view, as in an object crop of a neighbour).
+  """
+  views = np.asarray(views)
+  if views.dtype != np.uint8:
+    views = (np.clip(views, 0, 1) * 255).round().astype(np.uint8)
+  v, s = views.shape[0], views.shape[1]
+  strip = np.full((s, v * s + (v - 1) * gap, 3), 255, np.uint8)
+  rects = []
+  for k in range(v):
+    x0 = k * (s + gap)
+    strip[:, x0:x0 + s] = views[k]
+    x1, y1, x2, y2 = np.clip(np.asarray(boxes[k], np.float64), 0, s)
+    rects.append((x0 + x1, y1, x0 + x2, y2) if x2 > x1 and y2 > y1 else None)
+  return strip, rects
+
+
 def examples_grid(path: str, predictions: Sequence[dict], decoded: Sequence[dict],
                   max_examples: int = 8) -> None:
-  """A grid of regions: the widest view with the target box drawn, captions below.
+  """A grid of regions, each its views side by side with captions below.
 
-  The batch carries views, not whole images, so each panel shows the view with
-  the most context (the smallest target box) and the target box inside it.
+  The first view is the target's; the others are its context views in the order
+  the model reads them. The target box is drawn in red where a view shows it.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   import textwrap  # pylint: disable=g-import-not-at-top
   n = min(max_examples, len(predictions))
-  cols = min(4, max(n, 1))
+  num_views = np.asarray(decoded[0]["views"]).shape[0] if n else 1
+  cols = max(1, min(n, 4 if num_views <= 2 else 2))
   rows = max(1, -(-n // cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4.8 * rows), squeeze=False)
+  width = 1.6 * num_views + 0.6
+  fig, axes = plt.subplots(rows, cols, figsize=(width * cols, 3.0 * rows), squeeze=False)
   for ax in axes.ravel():
     ax.axis("off")
   for k in range(n):
     ax = axes.ravel()[k]
-    views, boxes = np.asarray(decoded[k]["views"]), np.asarray(decoded[k]["view_boxes"])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    v = int(np.argmin(areas))
-    ax.imshow(views[v].astype(np.uint8) if views.dtype == np.uint8
-              else np.clip(views[v], 0, 1))
-    x1, y1, x2, y2 = boxes[v]
-    ax.add_patch(matplotlib.patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
-                                              edgecolor="red", linewidth=2))
+    strip, rects = view_strip(decoded[k]["views"], decoded[k]["view_boxes"])
+    ax.imshow(strip)
+    for r in rects:
+      if r is not None:
+        ax.add_patch(matplotlib.patches.Rectangle((r[0], r[1]), r[2] - r[0], r[3] - r[1],
+                                                  fill=False, edgecolor="red", linewidth=1.5))
     p = predictions[k]
     text = "pred: " + p["caption"] + "\nref: " + (p["references"][0] if p["references"] else "")
-    ax.set_title("\n".join(textwrap.wrap(text, 40, replace_whitespace=False)[:6]), fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(text, int(22 * num_views), replace_whitespace=False)[:6]),
+                 fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)

@@ -128,3 +128,21 @@ def test_predict_input_errors(trained, tmp_path):
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="--mode predict needs a trained checkpoint"):
     predict_lib.predict(c, str(empty), _png(tmp_path / "a.png"), [(0, 0, 5, 5)], **LIBS)
+
+
+def test_view_strip_puts_views_side_by_side_and_clips_the_target_box_to_each():
+  rs = np.random.RandomState(0)
+  views = rs.randint(0, 256, (3, 10, 10, 3)).astype(np.uint8)
+  boxes = np.array([[2, 3, 8, 9],        # inside the target view
+                    [-4, 6, 3, 14],      # partly outside: clipped to the view
+                    [11, 2, 15, 5]],     # outside (an object crop of a neighbour)
+                   np.float32)
+  strip, rects = eval_lib.view_strip(views, boxes, gap=2)
+  assert strip.shape == (10, 3 * 10 + 2 * 2, 3) and strip.dtype == np.uint8
+  for k in range(3):
+    np.testing.assert_array_equal(strip[:, 12 * k:12 * k + 10], views[k])
+  assert (strip[:, 10:12] == 255).all() and (strip[:, 22:24] == 255).all()
+  assert rects == [(2.0, 3.0, 8.0, 9.0), (12.0, 6.0, 15.0, 10.0), None]
+  # Float views in [0, 1] become the same uint8 picture.
+  strip_f, _ = eval_lib.view_strip(views / 255.0, boxes, gap=2)
+  np.testing.assert_array_equal(strip_f, strip)
