@@ -110,6 +110,10 @@ def get_config(arg: str | None = None):
   c.data.context_drop_iou = 0.5
   c.data.context_order = "nearest"
   c.data.num_views = 4
+  # Sixth (session 11): the view-box embedding through a hidden GELU layer instead
+  # of one linear map, so a view's box (where the target sits in it) can be read
+  # non-linearly, e.g. "above" as top edge below the view's centre.
+  m.view_box_hidden = 64
 
   c.optim.learning_rate = 1e-3
   c.optim.weight_decay = 0.05
@@ -130,6 +134,7 @@ def get_config(arg: str | None = None):
     c.data.context_drop_iou = 0.0
     c.data.context_order = "god"
     c.data.num_views = 3
+    m.view_box_hidden = 0
   elif arg == "dot":
     m.similarity = "dot"
   elif arg == "smoke":

@@ -102,7 +102,10 @@ def test_issue16_departures_are_on_in_the_synthetic_configs_only():
     # Session 10: no self-detection, nearest first, 3 context slots (not `hard`).
     assert (c.data.context_drop_iou, c.data.context_order, c.data.num_views) == (
         (0.0, "god", 3) if arg == "hard" else (0.5, "nearest", 4)), arg
+    # Session 11: the view-box embedding through a hidden layer (not `hard`).
+    assert c.model.view_box_hidden == (0 if arg == "hard" else 64), arg
   for c in (config_lib.base_config(), load("vg_t5xl"), load("refcocog_t5xl")):
     assert not c.model.view_box_embedding and c.loss.context_head == 0
     assert c.data.context_crop == "union" and c.model.candidate_pool == "target_box"
     assert c.data.context_drop_iou == 0.0 and c.data.context_order == "god"
+    assert c.model.view_box_hidden == 0
