@@ -13,8 +13,9 @@ context views nearest object first (`data.context_order="nearest"`), with 3 cont
 slots (`data.num_views=4`), and the view box embedding through a hidden layer
 (`model.view_box_hidden=64`); `hard` has only the first two. Together they bring
 the context into the captions (issue 16; README "Results on the synthetic dataset"
-and "Ablation" have the seeds): relation 0.85 and neighbour (colour and shape)
-0.68 at seed 0, against 0.25 and 0.05 on the paper's path.
+and "Ablation" have the seeds): relation 0.80 +- 0.08 and neighbour (colour and
+shape) 0.68 +- 0.05 over seeds 0-2 (relation 0.72-0.87; which seed lands low
+depends on the machine), against 0.25 and 0.05 on the paper's path.
 
 Run:
   python -m aligncap_jax.main --config configs/synthetic.py --workdir workdirs/synthetic --mode train
@@ -113,7 +114,7 @@ def get_config(arg: str | None = None):
   c.data.num_views = 4
   # Sixth (session 11): the view-box embedding through a hidden GELU layer instead
   # of one linear map, so a view's box (where the target sits in it) can be read
-  # non-linearly, e.g. "above" as top edge below the view's centre.
+  # non-linearly (the relation is the sign of the larger of the centre offsets).
   m.view_box_hidden = 64
 
   c.optim.learning_rate = 1e-3
