@@ -135,6 +135,11 @@ def base_config() -> ml_collections.ConfigDict:
       # box's place is read nonlinearly (which side of the target an object lies
       # on is the sign of the larger of |dx|, |dy|); 0 = the linear map.
       view_box_hidden=0,
+      # True: that embedding reads the box measured from the view's centre
+      # (corners and centre minus 0.5; `ops.box_geometry(centred=True)`), so which
+      # side of a view the target lies on is the sign of an input; False: from
+      # the view's top-left corner, in [0, 1].
+      view_box_centred=False,
       # Departure (DESIGN.md section 10, issue 16): c > 0 appends to every view's
       # tokens c x c more, RoI-pooled over the whole view (the target box alone is
       # pooled into the usual r x r), each plus a learned vector (zero-init) times
@@ -311,6 +316,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"must be 'god' or 'nearest', got {d.context_order!r}")
   need(m.view_box_hidden >= 0, "model.view_box_hidden",
        f"must be >= 0 (0 = a linear map), got {m.view_box_hidden}")
+  need(m.view_box_embedding or not m.view_box_centred, "model.view_box_centred",
+       "has no effect without model.view_box_embedding=True")
   need(m.context_tokens >= 0, "model.context_tokens",
        f"must be >= 0 (0 = off), got {m.context_tokens}")
   need(m.cross_view.value_from in ("candidate", "target"), "model.cross_view.value_from",

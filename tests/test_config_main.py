@@ -72,6 +72,7 @@ def test_validate_rejects_impossible_values():
       ("train", "per_device_batch_size", 0): "train.per_device_batch_size",
       ("mesh", "data", 0): "mesh.data",
       ("loss", "context_head", -0.5): "loss.context_head",
+      ("model", "view_box_centred", True): "model.view_box_centred",   # needs the embedding
       ("loss", "context_head_select", "relation"): "loss.context_head_select",
       ("loss", "context_head_select", "4,99"): "loss.context_head_select",
   }
@@ -104,8 +105,10 @@ def test_issue16_departures_are_on_in_the_synthetic_configs_only():
         (0.0, "god", 3) if arg == "hard" else (0.5, "nearest", 4)), arg
     # Session 11: the view-box embedding through a hidden layer (not `hard`).
     assert c.model.view_box_hidden == (0 if arg == "hard" else 64), arg
+    # Session 12: that box measured from the view's centre (not `hard`).
+    assert c.model.view_box_centred == (arg != "hard"), arg
   for c in (config_lib.base_config(), load("vg_t5xl"), load("refcocog_t5xl")):
     assert not c.model.view_box_embedding and c.loss.context_head == 0
     assert c.data.context_crop == "union" and c.model.candidate_pool == "target_box"
     assert c.data.context_drop_iou == 0.0 and c.data.context_order == "god"
-    assert c.model.view_box_hidden == 0
+    assert c.model.view_box_hidden == 0 and not c.model.view_box_centred

@@ -118,6 +118,11 @@ def test_box_geometry_is_corners_centre_and_extent_over_the_view_size():
   got = np.asarray(ops.box_geometry(jnp.asarray([[8.0, 16.0, 24.0, 64.0]]), 64.0))
   np.testing.assert_allclose(got, [[0.125, 0.25, 0.375, 1.0, 0.25, 0.625, 0.25, 0.75]],
                              rtol=1e-7)   # exact binary fractions
+  centred = np.asarray(ops.box_geometry(jnp.asarray([[8.0, 16.0, 24.0, 64.0]]), 64.0,
+                                        centred=True))
+  # Corners and centre from the view's centre (the side is the sign); extent kept.
+  np.testing.assert_allclose(centred, [[-0.375, -0.25, -0.125, 0.5, -0.25, 0.125, 0.25, 0.75]],
+                             rtol=1e-7)
 
 
 def test_view_box_embedding_starts_at_zero_and_then_tells_where_the_target_sits(batch, off):

@@ -189,7 +189,8 @@ class AlignCap(nn.Module):
     length, c = per_view.shape[1], per_view.shape[2]
     per_view = per_view.reshape((b, j, length, c))
     if m.view_box_embedding:
-      geometry = ops.box_geometry(batch["view_boxes"].astype(jnp.float32), float(s))
+      geometry = ops.box_geometry(batch["view_boxes"].astype(jnp.float32), float(s),
+                                  centred=m.view_box_centred)
       if m.view_box_hidden > 0:
         geometry = nn.gelu(self.view_box_hidden(geometry), approximate=False)
       per_view = per_view + self.view_box_proj(geometry)[:, :, None]

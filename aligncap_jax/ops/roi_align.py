@@ -180,18 +180,24 @@ def box_coverage(boxes: jax.Array, grid_size: int, cell_size: float) -> jax.Arra
   return (fy[:, :, None] * fx[:, None, :]).reshape((boxes.shape[0], grid_size * grid_size))
 
 
-def box_geometry(boxes: jax.Array, size: float) -> jax.Array:
+def box_geometry(boxes: jax.Array, size: float, centred: bool = False) -> jax.Array:
   """Scale-free features of boxes inside a `size x size` view.
 
   Args:
     boxes: float[..., 4] `x1, y1, x2, y2` in view pixels.
     size: the view's side in pixels.
+    centred: measure the corners and the centre from the view's centre (each
+      minus 0.5), so a box's side of the view is the sign of its feature; the
+      extent is unchanged. Same information, zero-mean inputs for what reads it.
 
   Returns:
     float32[..., 8]: the corners, the centre and the extent, each divided by
-    `size` (so in [0, 1] for boxes inside the view).
+    `size` (so in [0, 1] for boxes inside the view; [-0.5, 0.5] for the corners
+    and centre when `centred`).
   """
   b = boxes.astype(jnp.float32) / size
+  if centred:
+    b = b - 0.5
   centre = (b[..., :2] + b[..., 2:]) / 2
   extent = b[..., 2:] - b[..., :2]
   return jnp.concatenate([b, centre, extent], axis=-1)
