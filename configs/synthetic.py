@@ -15,7 +15,7 @@ slots (`data.num_views=4`), and the view box embedding through a hidden layer
 (`model.view_box_centred=True`); `hard` has only the first two. Together they bring
 the context into the captions (issue 16; README "Results on the synthetic dataset"
 and "Ablation" have the seeds): relation 0.84 +- 0.05 and neighbour (colour and
-shape) 0.73 +- 0.10 over seeds 0-2 (relation 0.809 / 0.812 / 0.896; 0.849 +- 0.040
+shape) 0.73 +- 0.11 over seeds 0-2 (relation 0.809 / 0.812 / 0.896; 0.849 +- 0.040
 over seeds 0-4, every seed >= 0.80), against 0.25 and 0.05 on the paper's path.
 
 Run:
