@@ -155,6 +155,22 @@ def _view_tokens_fn(model):
                                           method=aligncap.AlignCap.view_tokens))
 
 
+def test_view_box_centred_reaches_the_view_box_embedding(batch):
+  """`model.view_box_centred` shifts the corners and centre the embedding reads by
+  -0.5: with an all-ones linear map, every token moves by exactly 6 x -0.5."""
+  te = jnp.zeros((V, tiny_config().model.clip_text.projection_dim), jnp.float32)
+  tokens = {}
+  for centred in (False, True):
+    m = aligncap.build_model(tiny_config(view_box_embedding=True, view_box_centred=centred), V)
+    p = _init(m, batch, te)
+    p = dict(p, view_box_proj={"kernel": jnp.ones_like(p["view_box_proj"]["kernel"]),
+                               "bias": p["view_box_proj"]["bias"]})
+    tokens[centred] = np.asarray(_view_tokens_fn(m)(p, batch))
+  # Same seed, same params but the geometry: the difference is the shift alone
+  # (float32 sums of O(1) terms: a few ulps).
+  np.testing.assert_allclose(tokens[True] - tokens[False], -3.0, atol=1e-5)
+
+
 def test_context_tokens_are_the_whole_view_pooled_and_marked_where_the_target_is(batch):
   k = 3
   c_on = tiny_config(context_tokens=k)
